@@ -1,0 +1,62 @@
+"""The contract every method implements; the Lightning wrapper (vlmad.module) only talks to this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from vlmad.backbones import ClipBackbone
+
+
+@dataclass
+class Prediction:
+    """Method output for a batch.
+
+    Attributes:
+        pred_score: (B,) image anomaly scores in [0, 1].
+        anomaly_map: (B, H, W) pixel anomaly scores in [0, 1] at the input resolution.
+    """
+
+    pred_score: Tensor
+    anomaly_map: Tensor
+
+
+class AnomalyMethod(nn.Module):
+    """Base class: an algorithm on a frozen CLIP, usable without Lightning.
+
+    Subclasses set ``trainable`` when they have learned parameters (``loss`` then returns a dict with a
+    ``loss`` entry) and ``k_shot`` > 0 when ``prepare`` needs reference images. Learned parameters are
+    everything in ``state_dict()`` outside ``backbone.*``; checkpoints never hold the backbone.
+    """
+
+    trainable: bool = False
+
+    def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.k_shot = int(k_shot)
+
+    def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
+        """Per-category set-up before scoring (text features, few-shot memory).
+
+        Args:
+            class_name: object name used in prompts.
+            reference_images: (K, 3, S, S) normal images of the category when ``k_shot`` > 0.
+        """
+
+    def forward(self, images: Tensor, class_names: list[str]) -> Prediction:
+        """Score a batch of (B, 3, S, S) CLIP-normalised images of the given classes."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict) -> dict[str, Tensor]:
+        """Training losses for a batch dict (``image``, ``mask``, ``label``, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to train")
+
+    def hparams_for_checkpoint(self) -> dict:
+        """Settings needed to check a checkpoint fits this method (shapes, backbone)."""
+        return {"method": type(self).__name__, "backbone": self.backbone.model_name}
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """state_dict without the frozen backbone."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
