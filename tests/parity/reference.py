@@ -1,0 +1,99 @@
+"""Locate and load the official implementations' reference fixtures (rule: ../fixtures/README.md).
+
+The fixture folder is ``$VLMAD_REFERENCE_FIXTURES`` if set, else ``tests/fixtures`` (a copy of the shared
+reference set). Every ``*.pt`` directly inside a method folder is one fixture; the CLIP it was computed
+with is named inside the fixture, never assumed here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from vlmad.backbones import ClipBackbone
+
+HERE = Path(__file__).resolve().parent
+
+
+def fixture_root() -> Path:
+    """The reference fixture folder."""
+    return Path(os.environ.get("VLMAD_REFERENCE_FIXTURES", HERE.parent / "fixtures")).expanduser()
+
+
+def fixture_files(method: str) -> list[Path]:
+    """Every fixture of a method folder (sorted); fails loudly if there is none."""
+    files = sorted((fixture_root() / method).glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no *.pt fixtures in {fixture_root() / method}")
+    return files
+
+
+def load_fixture(path: Path) -> dict:
+    """A fixture dict of plain tensors, numbers and strings."""
+    return torch.load(path, weights_only=True)
+
+
+def meta(fx: dict, key: str):
+    """``fx['meta'][key]`` (AnomalyCLIP/APRIL-GAN) or ``fx['meta.' + key]`` (WinCLIP)."""
+    return fx["meta"][key] if "meta" in fx else fx[f"meta.{key}"]
+
+
+def omitted(fx: dict) -> set[str]:
+    """Keys a large fixture leaves out (their comparisons are skipped)."""
+    try:
+        return set(meta(fx, "omitted_keys"))
+    except KeyError:
+        return set()
+
+
+def _expand_compact(path: Path) -> dict[str, torch.Tensor]:
+    sd = safetensors.torch.load_file(path)
+    rows = sd.pop("token_embedding.compact_rows")
+    values = sd.pop("token_embedding.compact_values")
+    shape = sd.pop("token_embedding.compact_shape").tolist()
+    sd.pop("token_embedding.compact_dtype_fp16")
+    table = torch.zeros(shape, dtype=torch.float32)
+    table[rows] = values.float()
+    sd["token_embedding.weight"] = table
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def clip_checkpoint(fx: dict, tmp_dir: Path) -> tuple[Path, Path]:
+    """(model config JSON, full checkpoint path) of the fixture's CLIP.
+
+    Uses the named weights file when it exists, else the compact copy expanded into ``tmp_dir``.
+    """
+    root = fixture_root()
+    config = root / meta(fx, "clip_config")
+    weights = root / meta(fx, "clip_weights")
+    if weights.is_file():
+        return config, weights
+    compact = weights.with_name(weights.name.split(".")[0] + ".compact.safetensors")
+    if not compact.is_file():
+        raise FileNotFoundError(f"fixture weights missing: {weights} (nor {compact})")
+    out = tmp_dir / (weights.stem + ".expanded.pt")
+    if not out.exists():
+        torch.save(_expand_compact(compact), out)
+    return config, out
+
+
+def fixture_backbone(fx: dict, tmp_dir: Path, **kwargs) -> ClipBackbone:
+    """A ClipBackbone on the fixture's CLIP, loaded through vlmad's local-checkpoint path."""
+    config, weights = clip_checkpoint(fx, tmp_dir)
+    return ClipBackbone(config.stem, pretrained=str(weights), model_config=str(config), **kwargs)
+
+
+def assert_close(
+    name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5
+) -> float:
+    """Elementwise |ours - ref| <= atol + rtol*|ref|; returns the max abs deviation."""
+    ours = torch.as_tensor(ours).detach().to(torch.float64).cpu()
+    ref = torch.as_tensor(ref).to(torch.float64)
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    dev = (ours - ref).abs()
+    bad = dev > atol + rtol * ref.abs()
+    assert not bad.any(), f"{name}: max |Δ| {dev.max():.3g} exceeds atol {atol} + rtol {rtol}·|ref|"
+    return float(dev.max())
