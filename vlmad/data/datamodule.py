@@ -1,0 +1,144 @@
+"""LightningDataModule: per-category test loaders, a mixed fit loader, few-shot reference images."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader
+
+from vlmad.data.dataset import AnomalyDataset
+from vlmad.data.records import DataError, Reader
+from vlmad.data.transforms import Preprocess
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class AnomalyDataModule(L.LightningDataModule):
+    """Data for one run: ``test_set`` is evaluated per category, ``fit_set`` (optional) is fitted on.
+
+    Args:
+        test_set: reader (MVTec, VisA, Folder, Synthetic) evaluated on its test split.
+        fit_set: auxiliary reader the learnable parts are fitted on; None for zero-/few-shot runs.
+        image_size: side S of the preprocessed images (``backbone.image_size``).
+        mean: normalisation mean (the backbone's).
+        std: normalisation std (the backbone's).
+        batch_size: batch size of every loader.
+        num_workers: DataLoader workers.
+        mask_resize: "bilinear_threshold" or "nearest" (see ``Preprocess``).
+        resize_mode: "squash" or "shorter_side_crop".
+        fit_split: split of ``fit_set`` to fit on; "test" (which has masks), as the published
+            cross-dataset protocols do.
+        shuffle: shuffle the fit loader.
+        augment: optional albumentations transform, applied to the fit set only.
+        seed: seed of the fit loader's shuffling; None takes ``torch.initial_seed()`` (set by
+            ``seed_everything``).
+    """
+
+    def __init__(
+        self,
+        test_set: Reader,
+        fit_set: Reader | None = None,
+        image_size: int = 240,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        mask_resize: str = "bilinear_threshold",
+        resize_mode: str = "squash",
+        fit_split: str = "test",
+        shuffle: bool = True,
+        augment: Any = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.test_set = test_set
+        self.fit_set = fit_set
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.fit_split = fit_split
+        self.shuffle = shuffle
+        self.seed = seed
+        self.transform = Preprocess(image_size, tuple(mean), tuple(std), mask_resize, resize_mode)
+        self.fit_transform = Preprocess(
+            image_size, tuple(mean), tuple(std), mask_resize, resize_mode, augment
+        )
+
+    @property
+    def test_categories(self) -> list[str]:
+        """Categories of ``test_set``, in loader order."""
+        return list(self.test_set.categories)
+
+    def prompt_name(self, category: str) -> str:
+        """Prompt name of a test category."""
+        return self.test_set.prompt_name(category)
+
+    def _loader(
+        self, dataset: torch.utils.data.Dataset, generator: torch.Generator | None = None
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=generator is not None,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def test_dataset(self, category: str) -> AnomalyDataset:
+        """The test split of one ``test_set`` category."""
+        names = {category: self.test_set.prompt_name(category)}
+        return AnomalyDataset(self.test_set.records(category, "test"), self.transform, class_names=names)
+
+    def fit_dataset(self) -> ConcatDataset:
+        """All ``fit_set`` categories' ``fit_split`` splits, concatenated."""
+        if self.fit_set is None:
+            raise DataError("no fit_set configured: this DataModule has nothing to fit on")
+        datasets = [
+            AnomalyDataset(
+                self.fit_set.records(c, self.fit_split),
+                self.fit_transform,
+                class_names={c: self.fit_set.prompt_name(c)},
+            )
+            for c in self.fit_set.categories
+        ]
+        return ConcatDataset(datasets)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test category, in ``test_categories`` order, unshuffled."""
+        return [self._loader(self.test_dataset(c)) for c in self.test_categories]
+
+    def train_dataloader(self) -> DataLoader:
+        """Fit loader mixing all ``fit_set`` categories, shuffled with a seeded generator."""
+        generator = None
+        if self.shuffle:
+            seed = torch.initial_seed() if self.seed is None else self.seed
+            generator = torch.Generator().manual_seed(seed)
+        return self._loader(self.fit_dataset(), generator)
+
+    def reference_images(self, category: str, k: int, seed: int) -> tuple[Tensor, list[str]]:
+        """Draw k normal few-shot reference images from the category's ``train`` split, without replacement.
+
+        The generator is seeded by ``crc32(category) + seed`` so every category gets its own draw and
+        the same (category, seed) always gives the same images.
+
+        Returns:
+            images (k, 3, S, S) preprocessed; their paths.
+        """
+        normal = [r for r in self.test_set.records(category, "train") if r.label == 0]
+        if not 0 <= k <= len(normal):
+            raise DataError(
+                f"cannot draw k={k} reference images for {category!r}: only {len(normal)} normal training "
+                f"images in {self.test_set.root}"
+            )
+        generator = torch.Generator().manual_seed(zlib.crc32(category.encode()) + seed)
+        chosen = [normal[i] for i in torch.randperm(len(normal), generator=generator)[:k].tolist()]
+        dataset = AnomalyDataset(chosen, self.transform)
+        s = self.transform.image_size
+        images = torch.stack([dataset[i]["image"] for i in range(k)]) if k else torch.empty(0, 3, s, s)
+        return images, [str(r.image) for r in chosen]

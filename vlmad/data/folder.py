@@ -1,0 +1,84 @@
+"""Reader for users' own products: an MVTec-style tree or a manifest CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmad.data.mvtec import read_tree, tree_categories
+from vlmad.data.records import (
+    IMAGE_EXTS,
+    DataError,
+    Reader,
+    Record,
+    existing_root,
+    parse_label,
+    read_csv,
+    select_categories,
+)
+
+MANIFEST_COLUMNS = ("category", "split", "label", "image")
+
+
+class Folder(Reader):
+    """A user's dataset, as an MVTec-style tree (any common image extension) or a manifest CSV.
+
+    Tree: ``<root>/<category>/train/good``, ``test/good``, ``test/<defect>``, optional
+    ``ground_truth/<defect>/<stem>_mask.<ext>``. Manifest: columns ``category,split,label,image`` plus
+    optional ``mask`` and ``defect_type``; paths relative to the CSV's folder. An anomalous image
+    without a mask is classification-only (``Record.mask`` None): it counts for image metrics only,
+    rather than getting an all-zero mask that would corrupt pixel metrics.
+
+    Args:
+        root: dataset root.
+        categories: subset to use; default: all found.
+        class_names: prompt names per category; identity by default.
+        manifest: manifest CSV path relative to ``root`` (or absolute); None reads the tree.
+    """
+
+    name = "folder"
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: list[str] | None = None,
+        class_names: dict[str, str] | None = None,
+        manifest: str | None = None,
+    ) -> None:
+        self.root = existing_root(root)
+        self.class_names = dict(class_names or {})
+        self._rows: list[dict[str, str]] | None = None
+        if manifest is None:
+            available = tree_categories(self.root)
+            self.manifest_path = None
+        else:
+            self.manifest_path = self.root / manifest
+            self._rows = read_csv(self.manifest_path, MANIFEST_COLUMNS)
+            available = sorted({r["category"] for r in self._rows})
+        self.categories = select_categories(available, categories, self.manifest_path or self.root)
+
+    def records(self, category: str, split: str) -> list[Record]:
+        """Index one category's split."""
+        self._check(category, split)
+        if self._rows is None:
+            return read_tree(self.root / category, split, mask_exts=IMAGE_EXTS, mask_required=False)
+        return self._manifest_records(category, split)
+
+    def _manifest_records(self, category: str, split: str) -> list[Record]:
+        assert self.manifest_path is not None and self._rows is not None
+        base = self.manifest_path.parent
+        records = []
+        for line, row in enumerate(self._rows, start=2):
+            if row["category"] != category or row["split"] != split:
+                continue
+            where = f"{self.manifest_path} line {line}"
+            label = parse_label(row["label"], where)
+            image = base / row["image"]
+            mask = base / row["mask"] if row.get("mask") else None
+            for path in (image, mask):
+                if path is not None and not path.is_file():
+                    raise DataError(f"{where}: file not found: {path}")
+            defect = row.get("defect_type") or ("anomaly" if label else "good")
+            records.append(Record(image, mask, label, category, defect))
+        if not records:
+            raise DataError(f"no images in {self.manifest_path} for category {category!r}, split {split!r}")
+        return records

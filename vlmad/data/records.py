@@ -1,0 +1,101 @@
+"""Sample index entries, the data error type and helpers shared by the readers."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the offending file or directory and the problem."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One indexed image (no pixels loaded).
+
+    Attributes:
+        image: path of the image file.
+        mask: path of the ground-truth mask, or None (normal image, or classification-only anomaly).
+        label: 0 normal, 1 anomalous.
+        category: category / object name as on disk.
+        defect_type: "good" for normal images.
+    """
+
+    image: Path
+    mask: Path | None
+    label: int
+    category: str
+    defect_type: str
+
+
+class Reader:
+    """Common part of the dataset readers: category selection, prompt names, split checks."""
+
+    name: str = "reader"
+    root: Path
+    categories: list[str]
+    class_names: dict[str, str]
+
+    def records(self, category: str, split: str) -> list[Record]:
+        """Index one category's split ("train" or "test")."""
+        raise NotImplementedError
+
+    def prompt_name(self, category: str) -> str:
+        """Name used in text prompts (``class_names`` map, identity by default)."""
+        return self.class_names.get(category, category)
+
+    def _check(self, category: str, split: str) -> None:
+        if category not in self.categories:
+            raise DataError(f"unknown category {category!r} for {self.root} (known: {self.categories})")
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r} (expected one of {SPLITS}) for {self.root}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, categories={self.categories})"
+
+
+def existing_root(root: str | Path) -> Path:
+    """Return ``root`` as a Path, raising DataError if it is not a directory."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"dataset root not found: {path}")
+    return path
+
+
+def select_categories(available: list[str], requested: list[str] | None, where: Path) -> list[str]:
+    """Validate the requested categories against those found in ``where``; default: all available."""
+    if requested is None:
+        if not available:
+            raise DataError(f"no categories found in {where}")
+        return list(available)
+    unknown = [c for c in requested if c not in available]
+    if unknown:
+        raise DataError(f"unknown categories {unknown} in {where} (available: {available})")
+    return list(requested)
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Read a CSV with a header, checking that the ``required`` columns are present."""
+    if not path.is_file():
+        raise DataError(f"CSV file not found: expected {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"{path}: header {header} lacks columns {missing} (expected {list(required)})")
+        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+
+
+def parse_label(value: str, where: str) -> int:
+    """Map a CSV label (normal/anomaly, also good/0/1) to 0/1."""
+    labels = {"normal": 0, "good": 0, "0": 0, "anomaly": 1, "anomalous": 1, "1": 1}
+    try:
+        return labels[value.lower()]
+    except KeyError:
+        raise DataError(f"{where}: unknown label {value!r} (expected 'normal' or 'anomaly')") from None

@@ -1,0 +1,90 @@
+"""Image/mask preprocessing faithful to the reference implementations (PIL resizing, CLIP normalisation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+MASK_RESIZE = {"bilinear_threshold": Image.BILINEAR, "nearest": Image.NEAREST}
+RESIZE_MODES = ("squash", "shorter_side_crop")
+
+
+class Preprocess:
+    """Resize and normalise an image and its mask with the same geometry.
+
+    ``squash`` resizes straight to S x S with PIL bicubic, which is what open_clip's eval transform (for
+    a square crop), AnomalyCLIP and APRIL-GAN do; ``shorter_side_crop`` resizes the shorter side to S
+    and centre-crops. Masks: ``bilinear_threshold`` resizes the 0/255 mask bilinearly and keeps > 0.5
+    (AnomalyCLIP / APRIL-GAN); ``nearest`` uses PIL nearest (anomalib's torchvision-v2 mask transform).
+
+    Args:
+        image_size: output side S.
+        mean: per-channel normalisation mean (RGB, in [0, 1] units).
+        std: per-channel normalisation std.
+        mask_resize: "bilinear_threshold" or "nearest".
+        resize_mode: "squash" or "shorter_side_crop".
+        augment: optional albumentations transform applied jointly to image and mask before resizing
+            (off by default: the published protocols use no augmentation).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        mask_resize: str = "bilinear_threshold",
+        resize_mode: str = "squash",
+        augment: Any = None,
+    ) -> None:
+        if mask_resize not in MASK_RESIZE:
+            raise ValueError(f"unknown mask_resize {mask_resize!r} (expected one of {list(MASK_RESIZE)})")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize_mode {resize_mode!r} (expected one of {list(RESIZE_MODES)})")
+        if image_size <= 0 or len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"bad Preprocess arguments: image_size={image_size}, mean={mean}, std={std}")
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mask_resize = mask_resize
+        self.resize_mode = resize_mode
+        self.augment = augment
+
+    def __call__(self, image: Image.Image, mask: np.ndarray | None) -> tuple[Tensor, Tensor]:
+        """Preprocess one sample.
+
+        Args:
+            image: PIL image, any size (converted to RGB if needed).
+            mask: (H, W) bool or 0/1 uint8, or None for an all-zero mask.
+
+        Returns:
+            image (3, S, S) float32 normalised; mask (S, S) float32 in {0, 1}.
+        """
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        mask_u8 = (
+            np.zeros((image.height, image.width), np.uint8) if mask is None else (mask != 0).astype(np.uint8)
+        )
+        if mask_u8.shape != (image.height, image.width):
+            raise ValueError(f"mask shape {mask_u8.shape} != image size {(image.height, image.width)}")
+        if self.augment is not None:
+            out = self.augment(image=np.asarray(image), mask=mask_u8)
+            image, mask_u8 = Image.fromarray(out["image"]), (np.asarray(out["mask"]) != 0).astype(np.uint8)
+        s = self.image_size
+        if self.resize_mode == "squash":
+            size, box = (s, s), None
+        else:
+            scale = s / min(image.width, image.height)
+            size = (max(s, round(image.width * scale)), max(s, round(image.height * scale)))
+            # Same rounding as torchvision's CenterCrop.
+            left, top = round((size[0] - s) / 2.0), round((size[1] - s) / 2.0)
+            box = (left, top, left + s, top + s)
+        image = image.resize(size, Image.BICUBIC)
+        mask_img = Image.fromarray(mask_u8 * 255).resize(size, MASK_RESIZE[self.mask_resize])
+        if box is not None:
+            image, mask_img = image.crop(box), mask_img.crop(box)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+        mask_t = torch.from_numpy(np.asarray(mask_img, dtype=np.float32) / 255.0 > 0.5).float()  # (S, S)
+        return (pixels - self.mean) / self.std, mask_t

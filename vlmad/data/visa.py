@@ -1,0 +1,69 @@
+"""VisA reader: the raw release read in place through its protocol CSV (no converted copy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmad.data.records import (
+    DataError,
+    Reader,
+    Record,
+    existing_root,
+    parse_label,
+    read_csv,
+    select_categories,
+)
+
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+
+
+class VisA(Reader):
+    """VisA from ``<root>/split_csv/1cls.csv`` (columns ``object,split,label,image,mask``).
+
+    Image and mask paths come from each CSV row (relative to ``root``); masks hold small class ids and
+    are binarised with ``!= 0`` at load time. VisA has no per-image defect type in the CSV, so
+    anomalous records get ``defect_type="anomaly"``.
+
+    Args:
+        root: VisA root (the folder holding ``candle/``, ``split_csv/``, ...).
+        categories: subset of objects; default: all objects in the CSV, sorted.
+        class_names: prompt names per object; identity by default.
+        split_csv: protocol file, relative to ``root``.
+    """
+
+    name = "visa"
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: list[str] | None = None,
+        class_names: dict[str, str] | None = None,
+        split_csv: str = "split_csv/1cls.csv",
+    ) -> None:
+        self.root = existing_root(root)
+        self.csv_path = self.root / split_csv
+        self._rows = read_csv(self.csv_path, VISA_COLUMNS)
+        self.categories = select_categories(
+            sorted({r["object"] for r in self._rows}), categories, self.csv_path
+        )
+        self.class_names = dict(class_names or {})
+
+    def records(self, category: str, split: str) -> list[Record]:
+        """Index one object's split, in CSV order."""
+        self._check(category, split)
+        records = []
+        # Row numbers count the header as line 1, as an editor shows them.
+        for line, row in enumerate(self._rows, start=2):
+            if row["object"] != category or row["split"] != split:
+                continue
+            where = f"{self.csv_path} line {line}"
+            label = parse_label(row["label"], where)
+            image = self.root / row["image"]
+            mask = self.root / row["mask"] if row["mask"] else None
+            for path in (image, mask):
+                if path is not None and not path.is_file():
+                    raise DataError(f"{where}: file not found: {path}")
+            records.append(Record(image, mask, label, category, "anomaly" if label else "good"))
+        if not records:
+            raise DataError(f"no images in {self.csv_path} for object {category!r}, split {split!r}")
+        return records
