@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from vlmad.data.dataset import AnomalyDataset
 from vlmad.data.records import DataError, Reader
@@ -16,6 +16,28 @@ from vlmad.data.transforms import Preprocess
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random order that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees the same
+    order in its remaining epochs as an uninterrupted run (a plain generator would restart its stream).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of this epoch."""
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class AnomalyDataModule(L.LightningDataModule):
@@ -77,14 +99,11 @@ class AnomalyDataModule(L.LightningDataModule):
         """Prompt name of a test category."""
         return self.test_set.prompt_name(category)
 
-    def _loader(
-        self, dataset: torch.utils.data.Dataset, generator: torch.Generator | None = None
-    ) -> DataLoader:
+    def _loader(self, dataset: torch.utils.data.Dataset, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=generator is not None,
-            generator=generator,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -114,12 +133,13 @@ class AnomalyDataModule(L.LightningDataModule):
         return [self._loader(self.test_dataset(c)) for c in self.test_categories]
 
     def train_dataloader(self) -> DataLoader:
-        """Fit loader mixing all ``fit_set`` categories, shuffled with a seeded generator."""
-        generator = None
+        """Fit loader mixing all ``fit_set`` categories, shuffled by (seed, epoch)."""
+        dataset = self.fit_dataset()
+        sampler = None
         if self.shuffle:
             seed = torch.initial_seed() if self.seed is None else self.seed
-            generator = torch.Generator().manual_seed(seed)
-        return self._loader(self.fit_dataset(), generator)
+            sampler = EpochShuffleSampler(len(dataset), seed)
+        return self._loader(dataset, sampler)
 
     def reference_images(self, category: str, k: int, seed: int) -> tuple[Tensor, list[str]]:
         """Draw k normal few-shot reference images from the category's ``train`` split, without replacement.
