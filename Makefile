@@ -1,0 +1,55 @@
+# vlmad: `make demo` (main job on generated data) and `make test` (test suite) set everything up themselves.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help install test test-all parity lint format demo bench smoke train evaluate report clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install vlmad with dev extras (first use only)
+
+test: $(STAMP) ## fast test suite (no network, no real weights), incl. parity with the reference fixtures
+	$(BIN)/python -m pytest -m "not slow and not gpu and not weights" $(ARGS)
+
+test-all: $(STAMP) ## every test that can run here (incl. slow)
+	$(BIN)/python -m pytest -m "not gpu and not weights" $(ARGS)
+
+parity: $(STAMP) ## only the parity tests (VLMAD_REFERENCE_FIXTURES=DIR points them at another fixture set)
+	$(BIN)/python -m pytest -m parity $(ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check vlmad tests train.py evaluate.py
+	$(BIN)/ruff format --check vlmad tests train.py evaluate.py
+
+format: $(STAMP) ## ruff fix + format
+	$(BIN)/ruff check --fix vlmad tests train.py evaluate.py
+	$(BIN)/ruff format vlmad tests train.py evaluate.py
+
+demo: $(STAMP) ## generate synthetic data, run the method comparison on the tiny random-weights backbone
+	$(BIN)/python -m vlmad.demo $(ARGS)
+
+bench: $(STAMP) ## speed benchmarks (random weights, CPU)
+	$(BIN)/python -m vlmad.bench $(ARGS)
+
+smoke: $(STAMP) ## seconds-long train+test on synthetic data
+	$(BIN)/python train.py experiment=smoke $(ARGS)
+
+train: $(STAMP) ## python train.py $(ARGS)
+	$(BIN)/python train.py $(ARGS)
+
+evaluate: $(STAMP) ## python evaluate.py $(ARGS)
+	$(BIN)/python evaluate.py $(ARGS)
+
+clean: ## remove caches and outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache outputs multirun

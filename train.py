@@ -1,0 +1,17 @@
+"""Train a method on an auxiliary dataset, then test it zero-shot: ``python train.py method=anomalyclip data=visa``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from vlmad.run import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the mean pixel AUROC for sweepers."""
+    metrics, _ = train(cfg)
+    return metrics.get("mean", {}).get("pixel_auroc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The one Lightning-aware model file: wraps any AnomalyMethod with the loop, metrics and checkpointing."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlmad.methods.base import AnomalyMethod, Prediction
+from vlmad.metrics import AnomalyMetrics
+from vlmad.viz import denormalize_image, overlay_panel, save_png
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint was made for another backbone or prompt/projection shape."""
+
+
+class AnomalyModule(L.LightningModule):
+    """Generic LightningModule: training via ``method.loss``, per-category testing via ``method.forward``.
+
+    Test dataloaders come one per category (``datamodule.test_categories`` order). Metrics are computed and
+    reset at each category change, so pixel state never holds more than one category.
+
+    Args:
+        method: the algorithm (holds the frozen backbone).
+        optimizer: partial optimizer (params supplied here); None for training-free methods.
+        scheduler: optional partial LR scheduler.
+        metrics: ``aupro_mode`` (official | legacy), ``legacy_aupro`` (also report the legacy AUPRO),
+            ``pixel_size`` (``native`` or an int N: maps resized bilinearly, masks by nearest, to N x N).
+        reference_seed: seed of the few-shot reference draw (k_shot > 0).
+        output_dir: where heatmap overlays (``heatmaps/<category>/``) and reference lists are written.
+        num_overlays: overlays saved per category (0 disables).
+        feature_cache: optional cache of the frozen image-side features used in training.
+    """
+
+    def __init__(
+        self,
+        method: AnomalyMethod,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        metrics: dict | None = None,
+        reference_seed: int = 0,
+        output_dir: str | None = None,
+        num_overlays: int = 4,
+        feature_cache: Any = None,
+    ) -> None:
+        super().__init__()
+        self.method = method
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        metrics = dict(metrics or {})
+        self.pixel_size = metrics.pop("pixel_size", "native")
+        self.metrics = AnomalyMetrics(**metrics)
+        self.reference_seed = reference_seed
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.num_overlays = num_overlays
+        self.feature_cache = feature_cache
+        self.strict_loading = False  # the frozen backbone is never in a checkpoint
+        self.results: dict[str, dict[str, float]] = {}
+        self._category: str | None = None
+        self._overlays_done = 0
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> Any:
+        """Adam etc. over the method's trainable parameters only (None for training-free methods)."""
+        params = [p for n, p in self.method.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        if self.optimizer_factory is None or not params:
+            return None
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer=optimizer)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """One step of ``method.loss`` (on cached image features when a cache is configured)."""
+        features = self.feature_cache.fetch(self.method, batch) if self.feature_cache is not None else None
+        losses = self.method.loss(batch, features=features)
+        bs = batch["image"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs, on_epoch=True)
+        return losses["loss"]
+
+    # ------------------------------------------------------------------ testing
+    @property
+    def _datamodule(self) -> Any:
+        return self.trainer.datamodule
+
+    def on_test_epoch_start(self) -> None:
+        """Start with no category open."""
+        self.results, self._category = {}, None
+        self.metrics.reset()
+
+    def _open_category(self, category: str) -> None:
+        if self._category is not None:
+            self._close_category()
+        self._category, self._overlays_done = category, 0
+        dm = self._datamodule
+        references = None
+        if self.method.k_shot > 0:
+            references, paths = dm.reference_images(category, self.method.k_shot, self.reference_seed)
+            references = references.to(self.device)
+            self._write_reference_list(category, paths)
+        self.method.prepare(dm.prompt_name(category), references)
+
+    def _close_category(self) -> None:
+        self.results[self._category] = self.metrics.compute()
+        self.metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score a batch of one category and update that category's metrics."""
+        category = self._datamodule.test_categories[dataloader_idx]
+        if category != self._category:
+            self._open_category(category)
+        pred: Prediction = self.method(batch["image"], list(batch["class_name"]))
+        anomaly_map, mask = self._eval_resolution(pred.anomaly_map, batch["mask"])
+        self.metrics.update(pred.pred_score, batch["label"], anomaly_map, mask, batch["has_mask"])
+        self._save_overlays(batch, pred)
+
+    def on_test_epoch_end(self) -> None:
+        """Close the last category and log ``test/<category>/<metric>`` plus the means."""
+        from vlmad.metrics.table import summarise
+
+        if self._category is not None:
+            self._close_category()
+        self._category = None
+        self.results = summarise(self.results)
+        flat = {f"test/{cat}/{name}": value for cat, row in self.results.items() for name, value in row.items()}
+        if flat:
+            self.log_dict(flat, batch_size=1)
+
+    def _eval_resolution(self, anomaly_map: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pixel_size == "native" or int(self.pixel_size) == anomaly_map.shape[-1]:
+            return anomaly_map, mask
+        size = (int(self.pixel_size),) * 2
+        anomaly_map = F.interpolate(anomaly_map[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
+        return anomaly_map.clamp(0, 1), mask
+
+    def _save_overlays(self, batch: dict, pred: Prediction) -> None:
+        if self.output_dir is None or self._overlays_done >= self.num_overlays:
+            return
+        dm = self._datamodule
+        mean, std = dm.transform.mean.flatten().tolist(), dm.transform.std.flatten().tolist()
+        for i in range(batch["image"].shape[0]):
+            if self._overlays_done >= self.num_overlays:
+                break
+            image = denormalize_image(batch["image"][i].cpu(), mean, std)
+            panel = overlay_panel(image, pred.anomaly_map[i].float().cpu().numpy(), batch["mask"][i].cpu().numpy())
+            name = f"{self._overlays_done:02d}_{batch['defect_type'][i]}_{Path(batch['path'][i]).stem}.png"
+            save_png(self.output_dir / "heatmaps" / self._category / name, panel)
+            self._overlays_done += 1
+
+    def _write_reference_list(self, category: str, paths: list[str]) -> None:
+        if self.output_dir is None:
+            return
+        out = self.output_dir / "references" / f"{category}_k{self.method.k_shot}_seed{self.reference_seed}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(paths) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen backbone (GBs for ViT-L) and record what the learned tensors belong to."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".backbone." not in k}
+        checkpoint["vlmad"] = self.method.hparams_for_checkpoint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made for another backbone or prompt/projection shape, with a clear message."""
+        check_checkpoint_fits(checkpoint, self.method)
+
+
+def check_checkpoint_fits(checkpoint: dict[str, Any], method: AnomalyMethod) -> None:
+    """Raise CheckpointMismatchError unless the checkpoint's settings and tensor shapes fit ``method``."""
+    saved = checkpoint.get("vlmad")
+    if saved is None:
+        raise CheckpointMismatchError("not a vlmad checkpoint (no 'vlmad' settings entry)")
+    expected = method.hparams_for_checkpoint()
+    diffs = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if diffs:
+        lines = "; ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in diffs.items())
+        raise CheckpointMismatchError(f"checkpoint does not fit the configured method ({lines})")
+    own = {f"method.{k}": v for k, v in method.learned_state().items()}
+    for key, value in checkpoint["state_dict"].items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {key} has shape {tuple(value.shape)}, the configured method expects "
+                f"{tuple(own[key].shape)}"
+            )
+    missing = sorted(set(own) - set(checkpoint["state_dict"]))
+    if missing:
+        raise CheckpointMismatchError(f"checkpoint lacks learned tensors {missing}")
+
+
+def load_method_weights(method: AnomalyMethod, ckpt_path: str | Path) -> None:
+    """Load a vlmad checkpoint's learned tensors into a method (no Trainer needed)."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    check_checkpoint_fits(checkpoint, method)
+    state = {k[len("method.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
+    method.load_state_dict(state, strict=False)

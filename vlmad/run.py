@@ -1,0 +1,130 @@
+"""``train(cfg)`` / ``evaluate(cfg)``: explicit wiring of backbone, method, module, data and trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from vlmad.metrics.table import format_table, write_csv
+from vlmad.module import load_method_weights
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file and rename, so a killed run never leaves a torn checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """torch.save to ``path.tmp`` then ``os.replace``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+def _loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+
+
+def _callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+
+
+def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
+    """Instantiate backbone -> method -> module, the datamodule and the trainer from a composed config."""
+    L.seed_everything(cfg.seed, workers=True)
+    backbone = instantiate(cfg.backbone)
+    method = instantiate(cfg.method, backbone=backbone)
+    module = instantiate(cfg.module, method=method)
+    if fit:
+        datamodule = instantiate(
+            cfg.datamodule, test_set=instantiate(cfg.test_data), fit_set=instantiate(cfg.data),
+            mean=backbone.mean, std=backbone.std,
+        )  # fmt: skip
+    else:
+        datamodule = instantiate(cfg.datamodule, test_set=instantiate(cfg.data), mean=backbone.mean, std=backbone.std)
+    loggers = _loggers(cfg)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg) if fit else [],
+        plugins=[AtomicCheckpointIO()], enable_checkpointing=fit,
+    )  # fmt: skip
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return {"backbone": backbone, "method": method, "module": module, "datamodule": datamodule,
+            "trainer": trainer, "loggers": loggers}  # fmt: skip
+
+
+def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -> None:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "metrics.csv", results)
+    print(format_table(results, title=title), flush=True)
+    log.info("metrics written to %s", out / "metrics.csv")
+
+
+def _title(cfg: DictConfig, data_key: str) -> str:
+    k = cfg.method.get("k_shot", 0)
+    weights = cfg.backbone.pretrained or "RANDOM WEIGHTS (pipeline check, not method quality)"
+    return (f"{cfg.method._target_.rsplit('.', 1)[-1]} k_shot={k} on {cfg[data_key]._target_.rsplit('.', 1)[-1]} "
+            f"| {cfg.backbone.model_name} [{weights}] | {cfg.backbone.image_size}px")  # fmt: skip
+
+
+def _finish_loggers(objects: dict[str, Any]) -> None:
+    for lg in objects.get("loggers", []):
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Evaluate a (trained or training-free) method on ``cfg.data`` per category.
+
+    Returns:
+        per-category metrics incl. the ``mean`` row, and the built objects.
+    """
+    objects: dict[str, Any] = {}
+    try:
+        objects = build(cfg, fit=False)
+        if cfg.get("ckpt_path"):
+            load_method_weights(objects["method"], cfg.ckpt_path)
+        elif objects["method"].trainable:
+            log.warning("evaluating %s without ckpt_path: its learned parts are at their initial values",
+                        type(objects["method"]).__name__)  # fmt: skip
+        objects["trainer"].test(objects["module"], datamodule=objects["datamodule"])
+        results = objects["module"].results
+        _report(cfg, results, _title(cfg, "data"))
+        return results, objects
+    finally:
+        _finish_loggers(objects)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Fit the method's learned parts on ``cfg.data`` (its test split), then test on ``cfg.test_data``.
+
+    ``ckpt_path`` resumes an interrupted run from its ``last.ckpt``.
+    """
+    objects: dict[str, Any] = {}
+    try:
+        objects = build(cfg, fit=True)
+        if not objects["method"].trainable:
+            raise ValueError(f"{cfg.method._target_} has nothing to train; use evaluate.py")
+        trainer, module = objects["trainer"], objects["module"]
+        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+        results: dict[str, dict[str, float]] = {}
+        if cfg.get("test_after_fit", True):
+            trainer.test(module, datamodule=objects["datamodule"])
+            results = module.results
+            _report(cfg, results, _title(cfg, "test_data"))
+        return results, objects
+    finally:
+        _finish_loggers(objects)
