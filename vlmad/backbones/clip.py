@@ -154,7 +154,7 @@ class ClipBackbone(nn.Module):
         self.mean = tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std = tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
 
-    def train(self, mode: bool = True) -> ClipBackbone:  # noqa: ARG002 - the backbone is always frozen
+    def train(self, mode: bool = True) -> ClipBackbone:
         """Keep the backbone in eval mode whatever the caller asks."""
         return super().train(False)
 
