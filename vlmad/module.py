@@ -87,6 +87,11 @@ class AnomalyModule(L.LightningModule):
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs, on_epoch=True)
         return losses["loss"]
 
+    def on_train_epoch_end(self) -> None:
+        """Report the feature cache (hits, misses, size) once per epoch."""
+        if self.feature_cache is not None:
+            log.info(self.feature_cache.report())
+
     # ------------------------------------------------------------------ testing
     @property
     def _datamodule(self) -> Any:
