@@ -39,9 +39,7 @@ def _to_numpy(array: np.ndarray | Tensor) -> np.ndarray:
     return np.asarray(array)
 
 
-def normalize_map(
-    anomaly_map: np.ndarray | Tensor, vmin: float | None = None, vmax: float | None = None
-) -> np.ndarray:
+def normalize_map(anomaly_map: np.ndarray | Tensor, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
     """Rescale a map to [0, 1] for display.
 
     Pass fixed `vmin`/`vmax` (e.g. 0 and 1) to compare maps across images; the default min-max stretch

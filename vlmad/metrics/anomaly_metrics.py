@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
-from vlmad.metrics.aupro import aupro, aupro_legacy
+from vlmad.metrics.aupro import aupro_legacy, pixel_metrics
 
 METRIC_NAMES: list[str] = [
     "image_auroc",
@@ -30,7 +30,7 @@ def _float64_counts() -> Iterator[None]:
     """Make torchmetrics' exact curves count TP/FP in float64.
 
     `_binary_clf_curve` multiplies the targets by a Python float, so the counts take the default dtype;
-    in float32, counts above 2**24 (every 518x518 category) are rounded.
+    in float32, counts above 2**24 would be rounded.
     """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -44,8 +44,9 @@ def _check_unit_interval(name: str, values: Tensor) -> None:
     if not bool(torch.isfinite(values).all()) or bool((values < 0).any()) or bool((values > 1).any()):
         raise ValueError(
             f"{name} must be finite and in [0, 1] (got min {values.min().item():.4g}, max "
-            f"{values.max().item():.4g}): torchmetrics treats a batch with any value outside [0, 1] as logits "
-            "and applies a sigmoid, which breaks the ranking across batches (Lightning-AI/torchmetrics#1526)."
+            f"{values.max().item():.4g}): torchmetrics treats a batch with any value outside [0, 1] as "
+            "logits and applies a sigmoid, which breaks the ranking across batches "
+            "(Lightning-AI/torchmetrics#1526)."
         )
 
 
@@ -62,7 +63,7 @@ def binary_curve_metrics(scores: Tensor, target: Tensor) -> tuple[float, float, 
     with _float64_counts():
         auroc = binary_auroc(scores, target, thresholds=None, validate_args=False).item()
         precision, recall, _ = binary_precision_recall_curve(scores, target, thresholds=None, validate_args=False)
-    # Same sum as torchmetrics' binary_average_precision; done here to sort the pixels only once more.
+    # Same sum as torchmetrics' binary_average_precision, without sorting the scores a third time.
     ap = -torch.sum((recall[1:] - recall[:-1]) * precision[:-1]).item()
     f1 = 2 * precision * recall / (precision + recall)
     f1 = f1[torch.isfinite(f1)]
@@ -71,6 +72,9 @@ def binary_curve_metrics(scores: Tensor, target: Tensor) -> tuple[float, float, 
 
 class AnomalyMetrics:
     """Accumulates one category's predictions and computes every reported metric.
+
+    Image metrics use torchmetrics' exact curves; pixel metrics use `pixel_metrics` (same definitions,
+    one shared sort of the pooled pixels for AUROC, AP, F1-max and AUPRO).
 
     Call `compute()` then `reset()` per category so that at most one category's pixels are held
     (≈216 MB of float32 maps for 201 images at 518x518).
@@ -156,19 +160,16 @@ class AnomalyMetrics:
         if not self._maps:
             warnings.warn("pixel metrics undefined: no images with masks", stacklevel=3)
             return {}
-        # Maps may differ in size between batches (original resolution), so flatten each batch.
-        pixel_scores = torch.cat([m.reshape(-1) for m in self._maps])
-        pixel_target = torch.cat([m.reshape(-1) for m in self._masks]).to(torch.uint8)
-        num_anomalous = int(pixel_target.sum())
-        if num_anomalous == 0 or num_anomalous == pixel_target.numel():
+        num_anomalous = sum(int(m.sum()) for m in self._masks)
+        if num_anomalous == 0 or num_anomalous == sum(m.numel() for m in self._masks):
             warnings.warn("pixel metrics undefined: no anomalous or no normal pixels", stacklevel=3)
             return {}
-        auroc, ap, f1 = binary_curve_metrics(pixel_scores, pixel_target)
-        del pixel_scores, pixel_target
-        results = {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_f1max": f1}
+        # One shared sort for the pooled pixels (maps may differ in size between batches).
+        results = pixel_metrics(self._maps, self._masks)
         if self.aupro_mode == "legacy" or self.legacy_aupro:
             legacy = aupro_legacy(self._maps, self._masks)
             if self.legacy_aupro:
                 results["pixel_aupro_legacy"] = legacy
-        results["pixel_aupro"] = legacy if self.aupro_mode == "legacy" else aupro(self._maps, self._masks)
+        if self.aupro_mode == "legacy":
+            results["pixel_aupro"] = legacy
         return results

@@ -132,6 +132,4 @@ def read_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         {category: {metric: fraction}} in file order.
     """
     with open(path, newline="") as handle:
-        return {
-            row.pop("category"): {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)
-        }
+        return {row.pop("category"): {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)}
