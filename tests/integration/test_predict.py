@@ -1,0 +1,143 @@
+"""``vlmad.predict`` on generated images with the tiny random-weights backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from conftest import compose
+from PIL import Image
+
+from vlmad.predict import PredictError, predict
+
+BASE = ["backbone=tiny", "backbone.image_size=64", "method=winclip", "batch_size=2", "device=cpu", "class_name=bottle"]
+
+
+@pytest.fixture
+def bottle(synthetic_roots):
+    """The generated bottle_syn category (train/good: 4 normal images; test: 2 good + 2 defective)."""
+    return synthetic_roots["mvtec"] / "bottle_syn"
+
+
+def _run(tmp_path, name: str, *overrides: str) -> tuple[list[dict], object]:
+    out = tmp_path / name
+    return predict(compose("predict", [*BASE, *overrides], out)), out
+
+
+def _csv(out) -> list[dict]:
+    with (out / "predictions.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _make_ckpt(path) -> None:
+    """A WinCLIP checkpoint written by the project's own module (no learned tensors, only its settings)."""
+    import lightning as L
+
+    from vlmad.backbones import ClipBackbone
+    from vlmad.methods.winclip import WinCLIP
+    from vlmad.module import AnomalyModule
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.strategy.connect(AnomalyModule(WinCLIP(ClipBackbone("vlmad-tiny", None, 64))))
+    trainer.save_checkpoint(path)
+
+
+def test_folder_with_corrupt_and_unsupported_files(tmp_path, bottle):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    good = sorted(bottle.glob("test/*/*.png"))
+    for i, path in enumerate(good):
+        shutil.copy(path, folder / f"{i:02d}_{path.parent.name}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really an image")
+    (folder / "notes.txt").write_text("not an image")
+    rows, out = _run(tmp_path, "run", f"input={folder}", "threshold.value=0.5")
+
+    assert len(rows) == len(good) and len(_csv(out)) == len(good)
+    assert {r["threshold"] for r in rows} == {0.5}
+    assert all(r["is_anomalous"] == (r["score"] > 0.5) for r in rows)
+    skipped = (out / "skipped.txt").read_text()
+    assert "broken.png\tunreadable" in skipped and "notes.txt\tunsupported extension" in skipped
+    for path in folder.glob("0*.png"):
+        mask = np.asarray(Image.open(out / f"{path.stem}_mask.png"))
+        assert mask.shape == Image.open(path).size[::-1] and set(np.unique(mask)) <= {0, 255}
+        assert np.asarray(Image.open(out / f"{path.stem}_overlay.png")).shape == (64, 192, 3)
+    assert json.loads((out / "threshold.json").read_text())["source"] == "value"
+
+    # use=pixel: an image is anomalous when its map's max exceeds the pixel threshold
+    rows, _ = _run(tmp_path, "pixel", f"input={folder}", "threshold.value=0.5", "threshold.pixel_value=0.3",
+                   "threshold.use=pixel")  # fmt: skip
+    assert {r["threshold"] for r in rows} == {0.3} and all(r["is_anomalous"] == (r["score"] > 0.3) for r in rows)
+
+
+def test_calibration_quantile_checkpoint_sidecar_and_reuse(tmp_path, bottle, caplog):
+    ckpt = tmp_path / "winclip.ckpt"
+    _make_ckpt(ckpt)
+    normal = bottle / "train" / "good"
+    q = 0.5
+    rows, out = _run(tmp_path, "calib", f"input={normal}", f"threshold.calibration.dir={normal}",
+                     f"threshold.calibration.quantile={q}", f"ckpt_path={ckpt}")  # fmt: skip
+    saved = json.loads((out / "threshold.json").read_text())
+    sidecar = tmp_path / "winclip.ckpt.threshold.json"
+    assert json.loads(sidecar.read_text()) == saved
+    n = saved["n_normal_images"]
+    assert n == len(rows) == 4 and saved["quantile"] == q
+    assert {saved["method"], saved["backbone"]} == {"WinCLIP", "vlmad-tiny"}
+    # the input is the calibration set itself: the quantile bounds how many normal images are flagged
+    assert sum(r["score"] > saved["image_threshold"] for r in rows) / n <= 1 - q + 1 / n
+
+    rows2, out2 = _run(tmp_path, "reuse", f"input={bottle / 'test' / 'good'}", f"ckpt_path={ckpt}")
+    assert {r["threshold"] for r in rows2} == {saved["image_threshold"]}
+    assert json.loads((out2 / "threshold.json").read_text())["file"] == str(sidecar)
+
+    rows3, _ = _run(tmp_path, "file", f"input={normal}", f"threshold.file={out / 'threshold.json'}")
+    assert [r["is_anomalous"] for r in rows3] == [r["is_anomalous"] for r in rows]
+
+    with caplog.at_level(logging.WARNING):  # a differing calibration never overwrites the sidecar
+        _run(tmp_path, "calib2", f"input={normal}", f"threshold.calibration.dir={normal}", f"ckpt_path={ckpt}")
+    assert json.loads(sidecar.read_text()) == saved
+    assert json.loads((tmp_path / "calib2" / "threshold.json").read_text())["quantile"] == 0.99
+    assert "not overwritten" in caplog.text
+
+
+def test_missing_threshold_and_bad_inputs_are_clear_errors(tmp_path, bottle):
+    good = bottle / "test" / "good"
+    with pytest.raises(PredictError, match=r"threshold\.value.*threshold\.file.*threshold\.calibration\.dir"):
+        _run(tmp_path, "a", f"input={good}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match="no images"):
+        _run(tmp_path, "b", f"input={tmp_path / 'empty'}", "threshold.value=0.5")
+    with pytest.raises(PredictError, match="only one threshold source"):
+        _run(tmp_path, "c", f"input={good}", "threshold.value=0.5", f"threshold.calibration.dir={good}")
+
+
+def test_few_shot_with_references(tmp_path, bottle):
+    normal = bottle / "train" / "good"
+    rows, out = _run(tmp_path, "k1", "method.k_shot=1", f"references={normal}", f"input={bottle / 'test' / 'good'}",
+                     f"threshold.calibration.dir={normal}")  # fmt: skip
+    refs = (out / "references.txt").read_text().split()
+    assert refs == [str(sorted(normal.glob("*.png"))[0])]
+    # the reference is left out of calibration (it would score ~0 against itself)
+    assert json.loads((out / "threshold.json").read_text())["n_normal_images"] == 3
+    assert len(rows) == 2
+    with pytest.raises(PredictError, match="references="):
+        _run(tmp_path, "k1b", "method.k_shot=1", f"input={normal}", "threshold.value=0.5")
+
+
+def test_command_line_entry_point(tmp_path, bottle, monkeypatch, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlmad.predict import main
+
+    image = sorted((bottle / "test" / "good").glob("*.png"))[0]
+    monkeypatch.chdir(tmp_path)  # Hydra's run dir is relative: outputs/predict/...
+    monkeypatch.setattr(sys, "argv", ["predict", *BASE, f"input={image}", "threshold.value=0.5"])
+    GlobalHydra.instance().clear()
+    main()
+    (run_dir,) = (tmp_path / "outputs" / "predict").iterdir()
+    assert len(_csv(run_dir)) == 1 and (run_dir / f"{image.stem}_overlay.png").exists()
+    assert "1 images scored" in capsys.readouterr().out

@@ -1,0 +1,322 @@
+"""Predict on new images: ``python -m vlmad.predict method=winclip input=img_or_folder class_name=bottle ...``.
+
+Writes into the run directory, per image, ``<stem>_overlay.png`` (image | heatmap | predicted mask) and
+``<stem>_mask.png`` (0/255 at the pixel threshold), plus ``predictions.csv``, ``threshold.json`` and
+``skipped.txt`` (unreadable or unsupported files, with the reason). Thresholds come from normal images only:
+given (``threshold.value``), loaded (``threshold.file`` or ``<ckpt_path>.threshold.json``) or calibrated as
+a quantile of the scores of a folder of normal images (``threshold.calibration.dir``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor
+
+from vlmad.data import Preprocess, load_image
+from vlmad.methods.base import AnomalyMethod
+from vlmad.module import load_method_weights
+from vlmad.viz import denormalize_image, overlay_panel, save_png
+
+log = logging.getLogger(__name__)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PREDICT_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+THRESHOLD_KEYS = ("image_threshold", "pixel_threshold")
+NO_THRESHOLD = (
+    "no threshold: give one of threshold.value=<image score threshold>, threshold.file=<threshold.json of an "
+    "earlier run>, or threshold.calibration.dir=<folder of NORMAL images, e.g. <category>/train/good> "
+    "(or calibrate once with ckpt_path set, which writes <ckpt_path>.threshold.json for later runs)"
+)
+
+
+class PredictError(ValueError):
+    """Bad prediction input or threshold settings."""
+
+
+# ------------------------------------------------------------------ inputs
+def list_inputs(path: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Images to score: a file, or a folder's files (not recursive, sorted by name).
+
+    Returns:
+        the supported image files; (path, reason) for the files skipped for their extension.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PredictError(f"input not found: {path}")
+    files = [path]
+    if path.is_dir():  # hidden files (.DS_Store, ...) are not inputs
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    exts = ", ".join(PREDICT_EXTS)
+    images = [p for p in files if p.suffix.lower() in PREDICT_EXTS]
+    skipped = [(p, f"unsupported extension (expected one of {exts})") for p in files if p not in images]
+    if not images:
+        raise PredictError(f"no images ({exts}) in {path}" + (f"; {len(skipped)} other files" if skipped else ""))
+    return images, skipped
+
+
+def load_batches(
+    paths: list[Path], preprocess: Preprocess, batch_size: int, skipped: list[tuple[Path, str]]
+) -> Iterator[tuple[list[Path], list[tuple[int, int]], Tensor]]:
+    """Load and preprocess images in batches, appending unreadable ones to ``skipped`` (the rest go on).
+
+    Yields:
+        the batch's paths, their original (H, W) sizes, images (B, 3, S, S).
+    """
+    batch: list[tuple[Path, tuple[int, int], Tensor]] = []
+    for i, path in enumerate(paths):
+        try:
+            image = load_image(path)
+        except (ValueError, Image.DecompressionBombError) as err:  # DataError is a ValueError
+            log.warning("skipping %s: %s", path, err)
+            skipped.append((path, f"unreadable: {err}"))
+        else:
+            batch.append((path, (image.height, image.width), preprocess(image, None)[0]))
+        if batch and (len(batch) == batch_size or i == len(paths) - 1):
+            yield [b[0] for b in batch], [b[1] for b in batch], torch.stack([b[2] for b in batch])
+            batch = []
+
+
+def load_references(cfg: DictConfig, preprocess: Preprocess) -> tuple[Tensor, list[Path]]:
+    """The k normal reference images of a few-shot method from ``cfg.references`` (first k, or a seeded draw)."""
+    k = int(cfg.method.get("k_shot", 0))
+    if not cfg.get("references"):
+        raise PredictError(f"method.k_shot={k} needs references=<folder of normal images of the object>")
+    paths, _ = list_inputs(cfg.references)
+    if cfg.get("reference_seed") is not None:
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(int(cfg.reference_seed)))
+        paths = [paths[i] for i in order.tolist()]
+    chosen: list[Path] = []
+    images: list[Tensor] = []
+    for batch_paths, _, batch in load_batches(paths, preprocess, 1, []):
+        if len(chosen) == k:
+            break
+        chosen += batch_paths
+        images.append(batch)
+    if len(chosen) < k:
+        raise PredictError(f"method.k_shot={k} but only {len(chosen)} readable images in {cfg.references}")
+    return torch.cat(images), chosen
+
+
+# ------------------------------------------------------------------ method
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
+    """Backbone -> method as ``vlmad.run.build`` does, plus checkpoint weights and the matching preprocessing."""
+    L.seed_everything(cfg.seed, workers=True)
+    backbone = instantiate(cfg.backbone)
+    method = instantiate(cfg.method, backbone=backbone)
+    if cfg.get("ckpt_path"):
+        load_method_weights(method, cfg.ckpt_path)
+    elif method.trainable:
+        log.warning("predicting with %s without ckpt_path: its learned parts are at their initial values",
+                    type(method).__name__)  # fmt: skip
+    method = method.to(resolve_device(cfg.get("device", "auto"))).eval()
+    return method, Preprocess(backbone.image_size, backbone.mean, backbone.std)
+
+
+def _device(method: AnomalyMethod) -> torch.device:
+    return next(method.parameters()).device
+
+
+# ------------------------------------------------------------------ thresholds
+def calibrate_threshold(
+    method: AnomalyMethod, images: Tensor | Iterable[Tensor], quantile: float, class_name: str = "object"
+) -> dict[str, Any]:
+    """Thresholds = the ``quantile`` of the image scores / pixel scores of NORMAL images.
+
+    The quantile is taken with ``higher`` interpolation, so a threshold is an observed normal score and at
+    most a fraction 1 - q (+ 1/n rounding) of the normal images score above it.
+
+    Args:
+        method: a method already ``prepare``-d for ``class_name``.
+        images: (N, 3, S, S) preprocessed normal images, or an iterable of (B, 3, S, S) batches.
+        quantile: in (0, 1].
+        class_name: object name passed to the method.
+
+    Returns:
+        image_threshold, pixel_threshold, quantile, n_normal_images.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise PredictError(f"threshold.calibration.quantile must be in (0, 1], got {quantile}")
+    batches = [images] if isinstance(images, Tensor) else images
+    scores, maps = [], []
+    with torch.inference_mode():
+        for batch in batches:
+            pred = method(batch.to(_device(method)), [class_name] * batch.shape[0])
+            scores.append(pred.pred_score.float().cpu().numpy())
+            maps.append(pred.anomaly_map.float().cpu().numpy().ravel())
+    if not scores:
+        raise PredictError("no normal images to calibrate on")
+    all_scores = np.concatenate(scores)
+    return {
+        "image_threshold": float(np.quantile(all_scores, quantile, method="higher")),
+        "pixel_threshold": float(np.quantile(np.concatenate(maps), quantile, method="higher")),
+        "quantile": float(quantile),
+        "n_normal_images": len(all_scores),
+    }
+
+
+def _read_threshold(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise PredictError(f"cannot read threshold file {path}: {err}") from err
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), (int, float)) for k in THRESHOLD_KEYS):
+        raise PredictError(f"threshold file {path} needs numeric {list(THRESHOLD_KEYS)}")
+    return data
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _save_beside_checkpoint(ckpt_path: str, data: dict[str, Any]) -> None:
+    target = Path(ckpt_path + ".threshold.json")
+    if target.exists():
+        if json.loads(target.read_text()) != json.loads(json.dumps(data)):
+            log.warning("%s exists with other thresholds: not overwritten (new ones only in the run dir)", target)
+        return
+    _write_json_atomic(target, data)
+    log.info("thresholds saved beside the checkpoint: %s", target)
+
+
+def resolve_threshold(
+    cfg: DictConfig, method: AnomalyMethod, preprocess: Preprocess, references: Iterable[Path] = ()
+) -> dict[str, Any]:
+    """Thresholds from ``threshold.value``, ``threshold.file``, calibration, or ``<ckpt>.threshold.json``.
+
+    ``references`` (few-shot memory images) are left out of the calibration set: they score ~0 against
+    themselves and would pull the thresholds down.
+    """
+    tcfg = cfg.threshold
+    sources = {"value": tcfg.value, "file": tcfg.file, "calibration.dir": tcfg.calibration.dir}
+    given = [k for k, v in sources.items() if v is not None]
+    if len(given) > 1:
+        raise PredictError(f"give only one threshold source, got threshold.{' and threshold.'.join(given)}")
+    meta = {"method": type(method).__name__, "backbone": method.backbone.model_name, "class_name": cfg.class_name,
+            "k_shot": method.k_shot}  # fmt: skip
+    beside = Path(f"{cfg.ckpt_path}.threshold.json") if cfg.get("ckpt_path") else None
+    if tcfg.value is not None:
+        pixel = tcfg.value if tcfg.pixel_value is None else tcfg.pixel_value
+        return {"image_threshold": float(tcfg.value), "pixel_threshold": float(pixel), **meta, "source": "value"}
+    if tcfg.calibration.dir is not None:
+        paths, skipped = list_inputs(tcfg.calibration.dir)
+        exclude = {p.resolve() for p in references}
+        paths = [p for p in paths if p.resolve() not in exclude]
+        data = calibrate_threshold(
+            method, (b for _, _, b in load_batches(paths, preprocess, cfg.batch_size, skipped)),
+            float(tcfg.calibration.quantile), cfg.class_name,
+        )  # fmt: skip
+        data = {**data, **meta, "source": str(Path(tcfg.calibration.dir).resolve())}
+        if beside is not None:
+            _save_beside_checkpoint(str(cfg.ckpt_path), data)
+        return data
+    path = tcfg.file if tcfg.file is not None else (beside if beside is not None and beside.exists() else None)
+    if path is None:
+        raise PredictError(NO_THRESHOLD)
+    data = _read_threshold(path)
+    mismatch = {k: (data[k], v) for k, v in meta.items() if k in data and data[k] != v}
+    if mismatch:
+        log.warning("threshold file %s was made for other settings (file vs now): %s", path, mismatch)
+    return {**data, "source": data.get("source", str(path)), "file": str(path)}
+
+
+# ------------------------------------------------------------------ prediction
+def _stem(path: Path, used: set[str]) -> str:
+    stem = path.stem if path.stem not in used else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+    while stem in used:  # a.png, a.PNG, ...
+        stem += "_"
+    used.add(stem)
+    return stem
+
+
+def _write_outputs(out: Path, stem: str, image: Tensor, anomaly_map: Tensor, size: tuple[int, int],
+                   pixel_threshold: float, preprocess: Preprocess) -> tuple[Path, Path]:  # fmt: skip
+    """Overlay at the model's resolution; mask at the image's own size (the map resized back bilinearly)."""
+    pixels = denormalize_image(image, preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist())
+    panel = overlay_panel(pixels, anomaly_map.numpy(), (anomaly_map > pixel_threshold).numpy())
+    full = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    overlay_path, mask_path = out / f"{stem}_overlay.png", out / f"{stem}_mask.png"
+    save_png(overlay_path, panel)
+    save_png(mask_path, (full > pixel_threshold).numpy().astype(np.uint8) * 255)
+    return overlay_path, mask_path
+
+
+def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Score ``cfg.input`` and write overlays, masks, predictions.csv, threshold.json, skipped.txt.
+
+    Returns:
+        one dict per scored image: path, score, is_anomalous, threshold, overlay, mask.
+    """
+    if cfg.threshold.use not in ("score", "pixel"):
+        raise PredictError(f"threshold.use must be score or pixel, got {cfg.threshold.use!r}")
+    paths, skipped = list_inputs(cfg.input)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method, preprocess = build_method(cfg)
+    references, ref_paths = None, []
+    if method.k_shot > 0:
+        references, ref_paths = load_references(cfg, preprocess)
+        references = references.to(_device(method))
+        (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
+    method.prepare(cfg.class_name, references)
+    threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
+    _write_json_atomic(out / "threshold.json", threshold)
+    image_t, pixel_t = float(threshold["image_threshold"]), float(threshold["pixel_threshold"])
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for batch_paths, sizes, images in load_batches(paths, preprocess, cfg.batch_size, skipped):
+        with torch.inference_mode():
+            pred = method(images.to(_device(method)), [cfg.class_name] * len(batch_paths))
+        maps, scores = pred.anomaly_map.float().cpu(), pred.pred_score.float().cpu()
+        for i, path in enumerate(batch_paths):
+            score, t = (float(scores[i]), image_t) if cfg.threshold.use == "score" else (float(maps[i].max()), pixel_t)
+            overlay, mask = _write_outputs(out, _stem(path, used), images[i], maps[i], sizes[i], pixel_t, preprocess)
+            rows.append({"path": str(path), "score": score, "is_anomalous": score > t, "threshold": t,
+                         "overlay": str(overlay), "mask": str(mask)})  # fmt: skip
+    _write_reports(out, rows, skipped)
+    return rows
+
+
+def _write_reports(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[Path, str]]) -> None:
+    with (out / "predictions.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "score", "is_anomalous", "threshold"])
+        writer.writerows([r["path"], r["score"], int(r["is_anomalous"]), r["threshold"]] for r in rows)
+    if skipped:
+        (out / "skipped.txt").write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
+    n_anomalous = sum(r["is_anomalous"] for r in rows)
+    print(f"{len(rows)} images scored, {n_anomalous} anomalous, {len(skipped)} skipped"
+          + (f" (see {out / 'skipped.txt'})" if skipped else "") + f"; outputs in {out}", flush=True)  # fmt: skip
+    if not rows:
+        raise PredictError(f"none of the inputs could be read; see {out / 'skipped.txt'}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``python -m vlmad.predict``."""
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
