@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs tiny models: with several intra-op threads on a small (and possibly loaded) machine the
+# threads spin against each other and tiny ops get ~100x slower. Benchmarks (make bench) use all cores.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from conftest import CONF
 
 GROUP_ALLOWED_KEYS = {"method", "module", "trainer", "defaults"}
 

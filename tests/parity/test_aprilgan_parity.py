@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted
 
-from tests.parity.reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted
 from vlmad.methods.aprilgan import AprilGAN
 
 pytestmark = pytest.mark.parity
 
 FIXTURES = fixture_files("aprilgan")
 DEVIATIONS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops on a loaded 2-core machine: intra-op threads spin against each other (~100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=FIXTURES, ids=[p.stem for p in FIXTURES])

@@ -11,15 +11,6 @@ from vlmad.methods.aprilgan import AprilGAN
 LAYERS = [1, 3]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops on a loaded 2-core machine: intra-op threads spin against each other (~100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_clip() -> ClipBackbone:
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="RANDOM weights"):
