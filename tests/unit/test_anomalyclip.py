@@ -18,6 +18,10 @@ from vlmad.methods.anomalyclip import AnomalyCLIP
 
 SIZE = 64
 
+# The shipped tiny CLIP has ViT-L's depth (24 vision / 12 text blocks) so paper layer indices are valid.
+LAST = 23
+TEXT_DEPTH = 12
+
 
 @pytest.fixture(scope="module")
 def backbone():
@@ -34,7 +38,7 @@ def images():
 
 def make(backbone, **kwargs) -> AnomalyCLIP:
     torch.manual_seed(0)
-    kwargs = {"feature_layers": [3], "dpam_start": 1, "deep_prompt_depth": 2, **kwargs}
+    kwargs = {"feature_layers": [LAST], "dpam_start": 1, "deep_prompt_depth": 2, **kwargs}
     return AnomalyCLIP(backbone, **kwargs)
 
 
@@ -87,7 +91,7 @@ def test_dpam_leaves_backbone_untouched(backbone, images):
 
 def test_dual_path_differs_from_in_place_swap(backbone, images):
     with torch.no_grad():
-        final, taps = dpam_forward(backbone, images, 1, [3])
+        final, taps = dpam_forward(backbone, images, 1, [LAST])
         stock = stock_stream(backbone, images)
         # Single-stream swap (not the method): V-V attention replaces attention inside the blocks.
         h = stock[0]
@@ -95,23 +99,23 @@ def test_dual_path_differs_from_in_place_swap(backbone, images):
             h = h + vv_by_hand(block, block.ln_1(h))
             h = h + block.mlp(block.ln_2(h))
     torch.testing.assert_close(final, stock[-1], rtol=1e-5, atol=1e-5)  # original stream = stock CLIP
-    assert (taps[3] - h).abs().max() > 1e-2
+    assert (taps[LAST] - h).abs().max() > 1e-2
 
 
 def test_tap_below_dpam_start_is_ordinary_block_output(backbone, images):
     with torch.no_grad():
-        final, taps = dpam_forward(backbone, images, 4, [3])
-        _, stock = backbone.blocks(backbone.embed(images), [3])
-    assert torch.equal(taps[3], stock[3]) and torch.equal(final, stock[3])
+        final, taps = dpam_forward(backbone, images, backbone.depth, [LAST])
+        _, stock = backbone.blocks(backbone.embed(images), [LAST])
+    assert torch.equal(taps[LAST], stock[LAST]) and torch.equal(final, stock[LAST])
 
 
 def test_vv_stream_seeded_from_previous_block(backbone, images):
     with torch.no_grad():
-        _, taps = dpam_forward(backbone, images, 3, [3])  # only the last block is dual-path
-        h2 = stock_stream(backbone, images)[2]
-        block = backbone.visual.transformer.resblocks[3]
-        expected = h2 + vv_by_hand(block, block.ln_1(h2))  # no MLP on the V-V stream
-    torch.testing.assert_close(taps[3], expected, rtol=1e-5, atol=1e-5)
+        _, taps = dpam_forward(backbone, images, LAST, [LAST])  # only the last block is dual-path
+        h_prev = stock_stream(backbone, images)[LAST - 1]
+        block = backbone.visual.transformer.resblocks[LAST]
+        expected = h_prev + vv_by_hand(block, block.ln_1(h_prev))  # no MLP on the V-V stream
+    torch.testing.assert_close(taps[LAST], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dpam_reads_open_clip_internals_or_fails_loudly(backbone):
@@ -127,7 +131,7 @@ def test_dpam_reads_open_clip_internals_or_fails_loudly(backbone):
 
 # ---------------------------------------------------------------- method
 def test_prediction_shapes_and_batch_independence(backbone, images):
-    method = make(backbone, feature_layers=[2, 3]).eval()
+    method = make(backbone, feature_layers=[LAST - 1, LAST]).eval()
     method.prepare("object")
     with torch.no_grad():
         whole = method(images, ["a"] * 4)
@@ -182,7 +186,7 @@ def test_deep_prompts_overwrite_and_matter(backbone):
     finally:
         for handle in handles:
             handle.remove()
-    assert [x.shape[1] for x in seen] == [77, 77]  # overwritten, not inserted
+    assert [x.shape[1] for x in seen] == [77] * TEXT_DEPTH  # overwritten, not inserted
     torch.testing.assert_close(seen[1][:, 1:5], method.deep_prompts[0].detach().expand(2, -1, -1))
     with torch.no_grad():
         method.deep_prompts[0, 1] += torch.randn(32)  # not a constant shift: ln_1 would remove that
@@ -216,10 +220,10 @@ def test_text_cache_follows_parameter_changes(backbone, images):
     ("kwargs", "match"),
     [
         ({"k_shot": 1}, "zero-shot only"),
-        ({"feature_layers": [4]}, "0-based"),
+        ({"feature_layers": [LAST + 1]}, "0-based"),
         ({"feature_layers": [-1]}, "0-based"),
-        ({"dpam_start": 5}, "0-based"),
-        ({"deep_prompt_depth": 3}, "text encoder blocks"),
+        ({"dpam_start": LAST + 2}, "0-based"),
+        ({"deep_prompt_depth": TEXT_DEPTH + 1}, "text encoder blocks"),
         ({"deep_prompt_len": 13}, "deep_prompt_len"),
         ({"layer_reduce": "max"}, "layer_reduce"),
         ({"n_ctx": 80}, "does not fit"),
@@ -252,7 +256,7 @@ def test_convert_official_checkpoint_round_trip(backbone):
 
 def test_hparams_for_checkpoint(backbone):
     hp = make(backbone).hparams_for_checkpoint()
-    assert hp["backbone"] == "vlmad-tiny" and hp["text_width"] == 32 and hp["feature_layers"] == [3]
+    assert hp["backbone"] == "vlmad-tiny" and hp["text_width"] == 32 and hp["feature_layers"] == [LAST]
 
 
 def test_bench_smoke():

@@ -126,7 +126,7 @@ def test_invalid_options_raise(backbone):
         {"stage_reduce": "max"},
         {"image_score": "clip"},
         {"image_fusion": "minmax"},
-        {"feature_layers": [1, 4]},
+        {"feature_layers": [1, backbone.depth]},
         {"few_shot_layers": [-1]},
         {"feature_layers": []},
         {"temperature": 0.0},

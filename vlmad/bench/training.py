@@ -13,10 +13,10 @@ class _EpochTimer(L.Callback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds.append(time.perf_counter() - self._t)
 
 
@@ -42,7 +42,7 @@ def run(
                 "data.categories=[candle_syn]", f"data.n_test_good={n_images // 2}",
                 f"data.n_test_defect={n_images - n_images // 2}", "test_data=synthetic_visa",
                 f"test_data.root={tmp / 'visa'}", f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false", "trainer.enable_checkpointing=false", "~callbacks", *extra,
+                "trainer.enable_progress_bar=false", "~callbacks", *extra,
             ]  # fmt: skip
             if cached:
                 overrides.append("module.feature_cache._target_=vlmad.cache.FeatureCache")

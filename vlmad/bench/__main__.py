@@ -1,0 +1,44 @@
+"""``make bench``: speed figures on this machine (random weights, real architectures, CPU by default).
+
+Sections: ``winclip`` (ViT-B-16-plus-240, batch 1 and 8, zero-shot and 1-shot vs a bare encode_image),
+``anomalyclip`` (ViT-L-14-336-quickgelu at 336 and 518 px vs a bare encode_image), ``training``
+(AnomalyCLIP seconds per epoch on a small generated auxiliary set, without and with the feature cache).
+Random weights cost exactly what trained weights cost; no quality is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the selected sections and print their tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", default=["winclip", "anomalyclip", "training"])
+    parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
+    args = parser.parse_args(argv)
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cuda={torch.cuda.is_available()}")
+    for section in args.sections:
+        start = time.perf_counter()
+        if section == "winclip":
+            from vlmad.bench import winclip as bench
+
+            rows = bench.run(backbone_name="vlmad-tiny") if args.quick else bench.run()
+        elif section == "anomalyclip":
+            from vlmad.bench import anomalyclip as bench
+
+            rows = bench.run(image_sizes=(64,), backbone_name="vlmad-tiny") if args.quick else bench.run()
+        elif section == "training":
+            from vlmad.bench import training as bench
+
+            rows = bench.run(backbone="tiny", image_size=64, n_images=4, epochs=2) if args.quick else bench.run()
+        else:
+            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training)")
+        print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
