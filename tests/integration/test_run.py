@@ -6,10 +6,9 @@ import csv
 import math
 
 import pytest
-import torch
 
 from vlmad.metrics.table import read_csv
-from vlmad.run import evaluate, train
+from vlmad.run import evaluate
 
 HEADER = "category,image_auroc,image_ap,image_f1max,pixel_auroc,pixel_ap,pixel_f1max,pixel_aupro"
 

@@ -86,9 +86,7 @@ def fixture_backbone(fx: dict, tmp_dir: Path, **kwargs) -> ClipBackbone:
     return ClipBackbone(config.stem, pretrained=str(weights), model_config=str(config), **kwargs)
 
 
-def assert_close(
-    name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5
-) -> float:
+def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> float:
     """Elementwise |ours - ref| <= atol + rtol*|ref|; returns the max abs deviation."""
     ours = torch.as_tensor(ours).detach().to(torch.float64).cpu()
     ref = torch.as_tensor(ref).to(torch.float64)
