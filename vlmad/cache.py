@@ -64,6 +64,13 @@ class FeatureCache:
         self._signatures: dict[int, str] = {}
         self.hits = self.misses = self.bytes = 0
 
+    @classmethod
+    def from_setting(cls, setting: FeatureCache | str | None) -> FeatureCache | None:
+        """``None`` (off), ``"memory"``, a directory path (disk cache), or a ready cache."""
+        if setting is None or isinstance(setting, FeatureCache):
+            return setting
+        return cls("memory") if setting == "memory" else cls("disk", setting)
+
     def _key(self, signature: str, image: Tensor) -> str:
         digest = hashlib.sha1(image.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
         return f"{signature}/{digest}"

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
         "train",
         [*common, "method=anomalyclip", "data=synthetic_visa", f"data.root={data / 'visa_format'}",
          "test_data=synthetic", f"test_data.root={data / 'mvtec_format'}", f"trainer.max_epochs={args.epochs}",
-         "module.feature_cache._target_=vlmad.cache.FeatureCache"],
+         "module.feature_cache=memory"],
         out / "anomalyclip",
     )  # fmt: skip
     results["AnomalyCLIP (fit on synthetic VisA)"], _ = train(cfg)

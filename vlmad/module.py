@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlmad.cache import FeatureCache
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
 from vlmad.viz import denormalize_image, overlay_panel, save_png
@@ -37,7 +38,7 @@ class AnomalyModule(L.LightningModule):
         reference_seed: seed of the few-shot reference draw (k_shot > 0).
         output_dir: where heatmap overlays (``heatmaps/<category>/``) and reference lists are written.
         num_overlays: overlays saved per category (0 disables).
-        feature_cache: optional cache of the frozen image-side features used in training.
+        feature_cache: frozen image-side features reused across epochs: None, ``memory`` or a directory.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class AnomalyModule(L.LightningModule):
         self.reference_seed = reference_seed
         self.output_dir = Path(output_dir) if output_dir else None
         self.num_overlays = num_overlays
-        self.feature_cache = feature_cache
+        self.feature_cache = FeatureCache.from_setting(feature_cache)
         self.strict_loading = False  # the frozen backbone is never in a checkpoint
         self.results: dict[str, dict[str, float]] = {}
         self._category: str | None = None

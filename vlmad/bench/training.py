@@ -45,7 +45,7 @@ def run(
                 "trainer.enable_progress_bar=false", "~callbacks", *extra,
             ]  # fmt: skip
             if cached:
-                overrides.append("module.feature_cache._target_=vlmad.cache.FeatureCache")
+                overrides.append("module.feature_cache=memory")
             cfg = compose_run("train", overrides, tmp / f"run_{cached}")
             objects = build(cfg, fit=True)
             timer = _EpochTimer()

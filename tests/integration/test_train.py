@@ -1,0 +1,78 @@
+"""Training end to end: fit on the synthetic auxiliary set, checkpoints, resume, evaluation from a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmad.module import CheckpointMismatchError
+from vlmad.run import evaluate, train
+
+
+def _learned(objects) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in objects["method"].learned_state().items()}
+
+
+@pytest.mark.parametrize("method", ["anomalyclip", "aprilgan"])
+def test_train_then_evaluate_from_checkpoint(make_cfg, method):
+    cfg = make_cfg("train", f"method={method}", "trainer.max_epochs=1")
+    results, objects = train(cfg)
+    assert set(results) == {*objects["datamodule"].test_categories, "mean"}
+    ckpt = objects["module"].output_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["state_dict"] and not any(".backbone." in k for k in state["state_dict"])
+    assert ckpt.stat().st_size < 2_000_000  # learned tensors only, never the frozen CLIP
+    assert not list(ckpt.parent.glob("*.tmp"))  # written atomically
+    # seed as in training: the tiny backbone's random weights come from it (real weights would not care)
+    eval_cfg = make_cfg("evaluate", f"method={method}", f"ckpt_path={ckpt}", f"seed={cfg.seed}")
+    eval_results, eval_objects = evaluate(eval_cfg)
+    for key, value in _learned(objects).items():
+        torch.testing.assert_close(eval_objects["method"].learned_state()[key], value)
+    # same trained method on the same target: the same numbers as the test run after fitting
+    assert eval_results["mean"]["pixel_auroc"] == pytest.approx(results["mean"]["pixel_auroc"], abs=1e-6)
+
+
+def test_resume_reaches_the_uninterrupted_result(make_cfg):
+    full = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=2", "test_after_fit=false")
+    _, full_objects = train(full)
+    first = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=1", "test_after_fit=false")
+    _, first_objects = train(first)
+    last = first_objects["module"].output_dir / "checkpoints" / "last.ckpt"
+    resumed = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=2", "test_after_fit=false",
+                       f"ckpt_path={last}")  # fmt: skip
+    _, resumed_objects = train(resumed)
+    one_epoch = _learned(first_objects)
+    for key, value in _learned(full_objects).items():
+        assert not torch.allclose(one_epoch[key], value)  # the second epoch did change the prompts
+        torch.testing.assert_close(_learned(resumed_objects)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg):
+    _, objects = train(make_cfg("train", "method=anomalyclip", "trainer.max_epochs=1", "test_after_fit=false"))
+    ckpt = objects["module"].output_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointMismatchError, match="n_ctx"):
+        evaluate(make_cfg("evaluate", "method=anomalyclip", "method.n_ctx=8", f"ckpt_path={ckpt}"))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint"):
+        evaluate(make_cfg("evaluate", "method=aprilgan", f"ckpt_path={ckpt}"))
+
+
+def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, monkeypatch):
+    losses = {}
+    for cached in (False, True):
+        extra = ["module.feature_cache=memory"] if cached else []
+        cfg = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=3", "test_after_fit=false", *extra)
+        from vlmad.methods.anomalyclip import AnomalyCLIP
+
+        calls = []
+        original = AnomalyCLIP.encode_images
+        monkeypatch.setattr(AnomalyCLIP, "encode_images", lambda self, x: calls.append(len(x)) or original(self, x))
+        _, objects = train(cfg)
+        monkeypatch.setattr(AnomalyCLIP, "encode_images", original)
+        n_fit = len(objects["datamodule"].fit_dataset())
+        assert sum(calls) == (n_fit if cached else 3 * n_fit)  # cached: every image encoded exactly once
+        losses[cached] = _learned(objects)
+        if cached:
+            cache = objects["module"].feature_cache
+            assert cache.misses == n_fit and cache.hits == 2 * n_fit and cache.bytes > 0
+    for key, value in losses[False].items():
+        torch.testing.assert_close(losses[True][key], value, rtol=1e-5, atol=1e-6)
