@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.metrics.table import format_table, write_csv
 from vlmad.module import load_method_weights
 
@@ -32,6 +34,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _loggers(cfg: DictConfig) -> list:
+    # W&B runs start lazily (first log_hyperparams in build), in the mode vlmad.loggers.wandb_mode picks
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
 
 
@@ -69,6 +72,7 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     write_csv(out / "metrics.csv", results)
     print(format_table(results, title=title), flush=True)
     log.info("metrics written to %s", out / "metrics.csv")
+    log_test_report(out, title)  # per-category table and heatmaps to the active W&B run, if any
 
 
 def _title(cfg: DictConfig, data_key: str) -> str:
@@ -79,11 +83,9 @@ def _title(cfg: DictConfig, data_key: str) -> str:
 
 
 def _finish_loggers(objects: dict[str, Any]) -> None:
-    for lg in objects.get("loggers", []):
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
+    # Finish whatever W&B run is active, not only the built loggers': build may fail after the run started
+    # (objects is then empty). Exit code 1 when an exception is leaving the calling evaluate/train.
+    finish_wandb(sys._getframe(1))
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
@@ -100,7 +102,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, An
         elif objects["method"].trainable:
             log.warning("evaluating %s without ckpt_path: its learned parts are at their initial values",
                         type(objects["method"]).__name__)  # fmt: skip
-        objects["trainer"].test(objects["module"], datamodule=objects["datamodule"])
+        objects["trainer"].test(objects["module"], datamodule=objects["datamodule"], verbose=False)
         results = objects["module"].results
         _report(cfg, results, _title(cfg, "data"))
         return results, objects
@@ -122,7 +124,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]
         trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
         results: dict[str, dict[str, float]] = {}
         if cfg.get("test_after_fit", True):
-            trainer.test(module, datamodule=objects["datamodule"])
+            trainer.test(module, datamodule=objects["datamodule"], verbose=False)
             results = module.results
             _report(cfg, results, _title(cfg, "test_data"))
         return results, objects

@@ -1,0 +1,133 @@
+"""Weights & Biases: an offline-unless-logged-in WandbLogger, end-of-test tables and heatmaps, a safe finish."""
+
+from __future__ import annotations
+
+import math
+import netrc
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlparse
+
+from vlmad.metrics.table import read_csv
+
+
+def _netrc_has_key() -> bool:
+    """Whether ``~/.netrc`` (or ``$NETRC``) holds a login for the W&B API host (where ``wandb login`` writes)."""
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def wandb_mode() -> str:
+    """The W&B mode for this process: an explicit ``WANDB_MODE`` wins, else online only when an API key is found.
+
+    Returns:
+        ``WANDB_MODE`` if set (e.g. ``disabled``), ``online`` with ``WANDB_API_KEY`` or a netrc entry, else
+        ``offline`` (so a machine without credentials or network never blocks on a login prompt).
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") or _netrc_has_key() else "offline"
+
+
+def make_wandb_logger(
+    tags: Sequence[str] = (),
+    extra_tags: Sequence[str] = (),
+    offline: bool = False,
+    save_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A ``WandbLogger`` whose run mode comes from :func:`wandb_mode`; the run itself starts on first use.
+
+    Args:
+        tags: run tags (the primary config's Hydra choices).
+        extra_tags: appended to ``tags`` (e.g. ``k0``, ``seed1``: YAML cannot concatenate lists).
+        offline: always offline; otherwise :func:`wandb_mode` decides.
+        save_dir: the run's files go to ``<save_dir>/wandb/``.
+        **kwargs: the rest of ``WandbLogger``'s and ``wandb.init``'s arguments (project, name, group, ...).
+
+    Returns:
+        A ``lightning.pytorch.loggers.WandbLogger``.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = "offline" if offline else wandb_mode()
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    # `mode` goes to wandb.init rather than WandbLogger(offline=True), which would rewrite os.environ
+    # for every later job of a multirun
+    return WandbLogger(save_dir=save_dir, tags=[str(t) for t in [*tags, *extra_tags]], mode=mode, **kwargs)
+
+
+def active_run() -> Any:
+    """The current ``wandb.run`` if wandb was imported and a run is active, else None (never imports wandb)."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def log_test_report(output_dir: str | os.PathLike, title: str, images_per_category: int = 4) -> None:
+    """Log ``metrics.csv`` as a ``wandb.Table`` and the saved heatmap overlays as images to the active run.
+
+    A no-op without an active run. Logged keys: ``test/metrics_table`` (one row per category, ``mean`` last, as in
+    ``metrics.csv``) and ``test/heatmaps/<category>`` (the first ``images_per_category`` PNGs of
+    ``output_dir/heatmaps/<category>/``, captioned ``<category>: <defect>_<file>``).
+
+    Args:
+        output_dir: the run directory holding ``metrics.csv`` and ``heatmaps/``.
+        title: the report's title line, stored in the run summary as ``test/title``.
+        images_per_category: overlays logged per category.
+    """
+    run = active_run()
+    if run is None:
+        return
+    import wandb
+
+    out = Path(output_dir)
+    # read back the file just written, so the dashboard table is exactly metrics.csv
+    rows = read_csv(out / "metrics.csv")
+    columns = list(next(iter(rows.values()), {}))
+    data = [[name, *(None if math.isnan(row[c]) else row[c] for c in columns)] for name, row in rows.items()]
+    payload: dict[str, Any] = {"test/metrics_table": wandb.Table(columns=["category", *columns], data=data)}
+    for category in (c for c in rows if c != "mean"):
+        # overlay names are "<index>_<defect>_<file>.png" (module._save_overlays); drop the index in captions
+        pngs = sorted((out / "heatmaps" / category).glob("*.png"))[:images_per_category]
+        if pngs:
+            payload[f"test/heatmaps/{category}"] = [
+                wandb.Image(str(p), caption=f"{category}: {p.stem.split('_', 1)[-1]}") for p in pngs
+            ]
+    run.log(payload)
+    run.summary["test/title"] = title
+
+
+def _failing_through(frame: FrameType | None) -> bool:
+    """Whether the exception being handled is propagating through ``frame``.
+
+    Called from a ``finally``: ``sys.exc_info()`` then holds the in-flight exception, but also an unrelated one
+    when the caller itself runs inside an ``except`` block, so the traceback must pass through ``frame``.
+    """
+    tb = sys.exc_info()[2]
+    while tb is not None:
+        if tb.tb_frame is frame:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def finish_wandb(frame: FrameType | None) -> None:
+    """Finish the active wandb run, with exit code 1 if an exception is leaving ``frame`` (the job failed).
+
+    Without this, the next job of a multirun would reuse the run (``WandbLogger`` attaches to ``wandb.run``).
+    """
+    if active_run() is None:
+        return
+    import wandb
+
+    wandb.finish(exit_code=1 if _failing_through(frame) else 0)
