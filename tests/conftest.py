@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmad.config import compose
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite runs tiny models: with several intra-op threads on a small (and possibly loaded) machine the
 # threads spin against each other and tiny ops get ~100x slower. Benchmarks (make bench) use all cores.
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 SYNTHETIC = {"image_size": 64, "n_train": 4, "n_test_good": 2, "n_test_defect": 2, "seed": 0}
 SYNTHETIC_CATEGORIES = {"mvtec": ["carpet_syn", "bottle_syn"], "visa": ["candle_syn", "pcb_syn"]}
 
@@ -45,22 +45,6 @@ def tiny_backbone():
 
     torch.manual_seed(0)
     return ClipBackbone("vlmad-tiny", pretrained=None, image_size=64)
-
-
-def compose(config_name: str, overrides: list[str], output_dir: Path):
-    """Compose a primary config as the entry point would (incl. the hydra node), then shrink it for tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = hydra_compose(
-            config_name=config_name, overrides=[*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True
-        )
-    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.choices...} as in a real run
-    return cfg
 
 
 @pytest.fixture

@@ -13,22 +13,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-
+from vlmad.config import compose as compose_run
 from vlmad.metrics.table import format_markdown, format_table, write_csv
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose_run(config_name: str, overrides: list[str], output_dir: Path):
-    """Compose ``conf/<config_name>.yaml`` like the entry point does, writing into ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, [*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
+from vlmad.config import CONF_DIR as CONF
 from vlmad.data import Preprocess, load_image
 from vlmad.methods.base import AnomalyMethod
 from vlmad.module import load_method_weights
@@ -34,7 +35,7 @@ from vlmad.viz import denormalize_image, overlay_panel, save_png
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+
 PREDICT_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 THRESHOLD_KEYS = ("image_threshold", "pixel_threshold")
 NO_THRESHOLD = (

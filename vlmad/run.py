@@ -61,7 +61,7 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()], enable_checkpointing=fit,
     )  # fmt: skip
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"})
     return {"backbone": backbone, "method": method, "module": module, "datamodule": datamodule,
             "trainer": trainer, "loggers": loggers}  # fmt: skip
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from vlmad.config import CONF_DIR as CONF
+from vlmad.config import compose
 
 GROUP_ALLOWED_KEYS = {"method", "module", "trainer", "defaults"}
 
@@ -43,8 +45,6 @@ def test_every_backbone_composes(make_cfg, backbone):
 
 @pytest.mark.parametrize("data", _options("data"))
 def test_every_data_composes_and_instantiates(tmp_path, data):
-    from conftest import compose
-
     cfg = compose("evaluate", [f"data={data}", f"data.root={tmp_path / 'missing'}"], tmp_path)
     assert cfg.data._target_.startswith("vlmad.data.")
     if data.startswith("synthetic"):
@@ -63,8 +63,6 @@ def test_every_data_composes_and_instantiates(tmp_path, data):
      ("folder", "vlmad.data.Folder")],
 )  # fmt: skip
 def test_train_tests_on_the_other_dataset_by_default(tmp_path, data, expected):
-    from conftest import compose
-
     cfg = compose("train", [f"data={data}"], tmp_path)
     assert cfg.test_data._target_ == expected
     assert cfg.test_data._target_ != cfg.data._target_ or data == "folder" or cfg.test_data.layout != cfg.data.layout
@@ -74,8 +72,6 @@ def test_train_tests_on_the_other_dataset_by_default(tmp_path, data, expected):
 
 @pytest.mark.parametrize("group", ["trainer", "callbacks", "logger", "paths", "hydra", "experiment", "test_data"])
 def test_every_group_file_composes(tmp_path, group):
-    from conftest import compose
-
     for option in _options(group):
         name = "train" if group in {"callbacks", "test_data"} else "evaluate"
         cfg = compose(name, [f"{group}={option}"], tmp_path)

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import compose
 from PIL import Image
 
+from vlmad.config import compose
 from vlmad.predict import PredictError, predict
 
 BASE = ["backbone=tiny", "backbone.image_size=64", "method=winclip", "batch_size=2", "device=cpu", "class_name=bottle"]

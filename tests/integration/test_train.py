@@ -63,9 +63,14 @@ def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, monkeyp
         cfg = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=3", "test_after_fit=false", *extra)
         from vlmad.methods.anomalyclip import AnomalyCLIP
 
-        calls = []
+        calls: list[int] = []
         original = AnomalyCLIP.encode_images
-        monkeypatch.setattr(AnomalyCLIP, "encode_images", lambda self, x: calls.append(len(x)) or original(self, x))
+
+        def counting(self, x, calls=calls, original=original):
+            calls.append(len(x))
+            return original(self, x)
+
+        monkeypatch.setattr(AnomalyCLIP, "encode_images", counting)
         _, objects = train(cfg)
         monkeypatch.setattr(AnomalyCLIP, "encode_images", original)
         n_fit = len(objects["datamodule"].fit_dataset())

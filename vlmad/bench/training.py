@@ -29,7 +29,7 @@ def run(
     Returns:
         rows with per-epoch seconds and the final training loss of each run (they must be equal).
     """
-    from vlmad.demo import compose_run
+    from vlmad.config import compose as compose_run
     from vlmad.run import build
 
     rows = []
