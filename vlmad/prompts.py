@@ -72,9 +72,7 @@ class PromptSet:
 
 
 PROMPT_SETS: dict[str, PromptSet] = {
-    "winclip_anomalib": PromptSet(
-        tuple(NORMAL_STATES), tuple(WINCLIP_ANOMALOUS), tuple(WINCLIP_ANOMALIB_TEMPLATES)
-    ),
+    "winclip_anomalib": PromptSet(tuple(NORMAL_STATES), tuple(WINCLIP_ANOMALOUS), tuple(WINCLIP_ANOMALIB_TEMPLATES)),
     "winclip_22": PromptSet(tuple(NORMAL_STATES), tuple(WINCLIP_ANOMALOUS), tuple(WINCLIP_22_TEMPLATES)),
     "aprilgan": PromptSet(tuple(NORMAL_STATES), tuple(APRILGAN_ANOMALOUS), tuple(APRILGAN_TEMPLATES)),
 }

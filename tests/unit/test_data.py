@@ -134,9 +134,7 @@ def test_mvtec_counts_and_labels(mvtec_root):
     for r in test:
         assert (r.defect_type == "good") == (r.label == 0) == (r.mask is None)
         if r.mask is not None:
-            assert (
-                r.mask == mvtec_root / "carpet_syn/ground_truth" / r.defect_type / f"{r.image.stem}_mask.png"
-            )
+            assert r.mask == mvtec_root / "carpet_syn/ground_truth" / r.defect_type / f"{r.image.stem}_mask.png"
 
 
 def test_mvtec_mask_derived_from_image_path_not_sort_order(tmp_path):
@@ -215,12 +213,8 @@ def test_folder_tree_with_unmasked_defect(tmp_path):
     reader = Folder(_folder_tree(tmp_path))
     assert reader.categories == ["widget"]
     assert len(reader.records("widget", "train")) == 2
-    samples = {
-        Path(s["path"]).stem: s for s in AnomalyDataset(reader.records("widget", "test"), _preprocess())
-    }
-    assert (
-        samples["e"]["has_mask"] is False and samples["e"]["label"] == 1 and samples["e"]["mask"].sum() == 0
-    )
+    samples = {Path(s["path"]).stem: s for s in AnomalyDataset(reader.records("widget", "test"), _preprocess())}
+    assert samples["e"]["has_mask"] is False and samples["e"]["label"] == 1 and samples["e"]["mask"].sum() == 0
     assert samples["d"]["has_mask"] is True and samples["d"]["mask"].sum() > 0
     assert samples["c"]["has_mask"] is True and samples["c"]["label"] == 0
 

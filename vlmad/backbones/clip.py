@@ -50,9 +50,7 @@ class ImageFeatures:
     intermediates: dict[int, Tensor] = field(default_factory=dict)
 
 
-def _load_model(
-    model_name: str, pretrained: str | None, force_quick_gelu: bool, cache_dir: str | None
-) -> nn.Module:
+def _load_model(model_name: str, pretrained: str | None, force_quick_gelu: bool, cache_dir: str | None) -> nn.Module:
     if pretrained is None:
         warnings.warn(
             f"backbone {model_name!r} has RANDOM weights (backbone.pretrained=null): scores show the pipeline, "
@@ -224,9 +222,7 @@ class ClipBackbone(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
-    def blocks(
-        self, tokens: Tensor, layers: tuple[int, ...] | list[int] = ()
-    ) -> tuple[Tensor, dict[int, Tensor]]:
+    def blocks(self, tokens: Tensor, layers: tuple[int, ...] | list[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """Run ``ln_pre`` and all blocks in open_clip's native batch-first layout.
 
         Args:

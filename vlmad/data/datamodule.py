@@ -86,9 +86,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.seed = seed
         self.transform = Preprocess(image_size, tuple(mean), tuple(std), mask_resize, resize_mode)
-        self.fit_transform = Preprocess(
-            image_size, tuple(mean), tuple(std), mask_resize, resize_mode, augment
-        )
+        self.fit_transform = Preprocess(image_size, tuple(mean), tuple(std), mask_resize, resize_mode, augment)
 
     @property
     def test_categories(self) -> list[str]:

@@ -16,9 +16,7 @@ from vlmad.data.records import (
 
 def tree_categories(root: Path) -> list[str]:
     """Sorted subfolders of ``root`` that contain a ``train`` or ``test`` folder."""
-    return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir())
-    )
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir()))
 
 
 def list_images(folder: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:

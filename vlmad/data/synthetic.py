@@ -39,9 +39,7 @@ RECIPES = {
 }
 DEFECT_KINDS = ("scratch", "blob", "missing", "crack")
 Point = Sequence[float]  # (y, x)
-PALETTE = np.array(
-    [[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.1, 0.2, 0.95], [0.95, 0.85, 0.1], [0.05] * 3, [0.97] * 3]
-)
+PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.1, 0.2, 0.95], [0.95, 0.85, 0.1], [0.05] * 3, [0.97] * 3])
 
 
 def _base_name(category: str) -> str:
@@ -189,9 +187,7 @@ def _write_mvtec(root: Path, category: str, size: int, counts: tuple[int, int, i
             Image.fromarray(mask.astype(np.uint8) * 255).save(gt / f"{i:03d}_mask.png")
 
 
-def _write_visa(
-    root: Path, category: str, size: int, counts: tuple[int, int, int], seed: int
-) -> list[list[str]]:
+def _write_visa(root: Path, category: str, size: int, counts: tuple[int, int, int], seed: int) -> list[list[str]]:
     rows, n_normal, n_anomaly = [], 0, 0
     data = root / category / "Data"
     for d in ("Images/Normal", "Images/Anomaly", "Masks/Anomaly"):
@@ -205,9 +201,7 @@ def _write_visa(
             name, mask_name = f"Images/Anomaly/{n_anomaly:03d}.JPG", f"Masks/Anomaly/{n_anomaly:03d}.png"
             # VisA masks hold small class ids (1, 2, ...), not 0/255.
             Image.fromarray(mask.astype(np.uint8) * class_id).save(data / mask_name)
-            rows.append(
-                [category, split, "anomaly", f"{category}/Data/{name}", f"{category}/Data/{mask_name}"]
-            )
+            rows.append([category, split, "anomaly", f"{category}/Data/{name}", f"{category}/Data/{mask_name}"])
             n_anomaly += 1
         image.save(data / name, quality=95, subsampling=0)
     with (root / category / "image_anno.csv").open("w", newline="") as f:

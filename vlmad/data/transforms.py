@@ -64,9 +64,7 @@ class Preprocess:
             image (3, S, S) float32 normalised; mask (S, S) float32 in {0, 1}.
         """
         image = image.convert("RGB") if image.mode != "RGB" else image
-        mask_u8 = (
-            np.zeros((image.height, image.width), np.uint8) if mask is None else (mask != 0).astype(np.uint8)
-        )
+        mask_u8 = np.zeros((image.height, image.width), np.uint8) if mask is None else (mask != 0).astype(np.uint8)
         if mask_u8.shape != (image.height, image.width):
             raise ValueError(f"mask shape {mask_u8.shape} != image size {(image.height, image.width)}")
         if self.augment is not None:

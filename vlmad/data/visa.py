@@ -43,9 +43,7 @@ class VisA(Reader):
         self.root = existing_root(root)
         self.csv_path = self.root / split_csv
         self._rows = read_csv(self.csv_path, VISA_COLUMNS)
-        self.categories = select_categories(
-            sorted({r["object"] for r in self._rows}), categories, self.csv_path
-        )
+        self.categories = select_categories(sorted({r["object"] for r in self._rows}), categories, self.csv_path)
         self.class_names = dict(class_names or {})
 
     def records(self, category: str, split: str) -> list[Record]:
