@@ -28,9 +28,10 @@ test-all: $(STAMP) ## every test that can run here (incl. slow)
 parity: $(STAMP) ## only the parity tests (VLMAD_REFERENCE_FIXTURES=DIR points them at another fixture set)
 	$(BIN)/python -m pytest -m parity $(ARGS)
 
-lint: $(STAMP) ## ruff check + format check
+lint: $(STAMP) ## ruff check + format check + notebooks committed without outputs
 	$(BIN)/ruff check vlmad tests train.py evaluate.py
 	$(BIN)/ruff format --check vlmad tests train.py evaluate.py
+	$(BIN)/nbstripout --verify notebooks/*.ipynb
 
 format: $(STAMP) ## ruff fix + format
 	$(BIN)/ruff check --fix vlmad tests train.py evaluate.py
