@@ -23,25 +23,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
-def _file_stamp(path: str | None) -> list | None:
-    if path and Path(path).expanduser().is_file():
-        stat = Path(path).expanduser().stat()
-        return [stat.st_size, stat.st_mtime_ns]
-    return None
-
-
 def method_signature(method: torch.nn.Module) -> str:
     """Hash of everything that determines a method's frozen image features."""
-    backbone = method.backbone
-    parts = {
-        "method": method.hparams_for_checkpoint(),
-        "backbone": backbone.model_name,
-        "pretrained": str(backbone.pretrained),
-        "weights_file": _file_stamp(backbone.pretrained),
-        "image_size": backbone.image_size,
-        # random weights are only equal within one process-seeded build: hash their values
-        "weights": None if backbone.pretrained else float(sum(p.double().sum() for p in backbone.parameters())),
-    }
+    parts = {"method": method.hparams_for_checkpoint(), "backbone": method.backbone.signature()}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -93,13 +77,12 @@ class FeatureCache:
         os.replace(tmp, path)
 
     @torch.no_grad()
-    def fetch(self, method: torch.nn.Module, batch: dict) -> dict[str, Tensor]:
-        """Features of ``batch['image']`` (B, 3, S, S): cached entries, the rest encoded now and stored.
+    def fetch(self, method: torch.nn.Module, images: Tensor) -> dict[str, Tensor]:
+        """Features of (B, 3, S, S) images: cached entries, the rest encoded now and stored.
 
         Returns:
             dict of (B, ...) tensors on the images' device, as ``method.encode_images`` returns.
         """
-        images = batch["image"]
         if id(method) not in self._signatures:  # the frozen side cannot change during a run
             self._signatures[id(method)] = method_signature(method)
         signature = self._signatures[id(method)]

@@ -38,7 +38,8 @@ class AnomalyModule(L.LightningModule):
         reference_seed: seed of the few-shot reference draw (k_shot > 0).
         output_dir: where heatmap overlays (``heatmaps/<category>/``) and reference lists are written.
         num_overlays: overlays saved per category (0 disables).
-        feature_cache: frozen image-side features reused across epochs: None, ``memory`` or a directory.
+        feature_cache: frozen image-side features reused across epochs and runs: None, ``memory`` or a
+            directory (a disk cache shared by the jobs of a sweep).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class AnomalyModule(L.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.num_overlays = num_overlays
         self.feature_cache = FeatureCache.from_setting(feature_cache)
+        method.attach_cache(self.feature_cache)  # the method encodes images through it (train and test)
         self.strict_loading = False  # the frozen backbone is never in a checkpoint
         self.results: dict[str, dict[str, float]] = {}
         self._category: str | None = None
@@ -80,9 +82,8 @@ class AnomalyModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer=optimizer)}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        """One step of ``method.loss`` (on cached image features when a cache is configured)."""
-        features = self.feature_cache.fetch(self.method, batch) if self.feature_cache is not None else None
-        losses = self.method.loss(batch, features=features)
+        """One step of ``method.loss`` (on cached image features when a cache is attached)."""
+        losses = self.method.loss(batch)
         bs = batch["image"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs, on_epoch=True)

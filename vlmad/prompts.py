@@ -5,7 +5,10 @@ Sentences are built state-major, ``template.format(state.format(name))``, as in 
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -117,20 +120,35 @@ def ensemble_text_features(
 
 
 class TextFeatureCache:
-    """Per-process memo of prototypes keyed by (backbone, weights, prompt set, name, options).
+    """Prototypes keyed by (backbone signature, prompt set, name, options), in memory and optionally on disk.
 
     Text features do not depend on images, so they are encoded once per class name and reused across
-    batches, categories and few-shot reference draws (anomalib re-encodes all prompts on every setup).
+    batches, categories and few-shot reference draws (anomalib re-encodes all prompts on every setup); with
+    a ``directory`` they are also shared by the jobs of a sweep (files written atomically).
     """
 
-    def __init__(self) -> None:
-        self._store: dict[tuple, Tensor] = {}
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._store: dict[str, Tensor] = {}
+        self.encoded = 0  # how many prototype pairs were actually computed (not loaded)
 
     def get(self, backbone: ClipBackbone, prompts: PromptSet, name: str, normalize_prompts: bool,
             renormalize: bool) -> Tensor:  # fmt: skip
         """Cached :func:`ensemble_text_features`."""
-        key = (backbone.model_name, str(backbone.pretrained), id(backbone), prompts, name, normalize_prompts,
-               renormalize)  # fmt: skip
-        if key not in self._store:
-            self._store[key] = ensemble_text_features(backbone, prompts, name, normalize_prompts, renormalize)
-        return self._store[key]
+        raw = repr((backbone.signature(), prompts, name, normalize_prompts, renormalize))
+        key = hashlib.sha1(raw.encode()).hexdigest()[:24]
+        if key in self._store:
+            return self._store[key]
+        path = self.directory / f"{key}.pt" if self.directory else None
+        if path is not None and path.is_file():
+            feats = torch.load(path, weights_only=True).to(backbone.device)
+        else:
+            feats = ensemble_text_features(backbone, prompts, name, normalize_prompts, renormalize)
+            self.encoded += 1
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                torch.save(feats.cpu(), tmp)
+                os.replace(tmp, path)
+        self._store[key] = feats
+        return feats

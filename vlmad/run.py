@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.metrics.table import format_table, write_csv
 from vlmad.module import load_method_weights
+from vlmad.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", results)
+    write_run_json(out, run_info(cfg, status="done"))  # provenance for vlmad.report (sweeps, comparisons)
     print(format_table(results, title=title), flush=True)
     log.info("metrics written to %s", out / "metrics.csv")
     log_test_report(out, title)  # per-category table and heatmaps to the active W&B run, if any

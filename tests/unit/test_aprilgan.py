@@ -104,7 +104,9 @@ def test_text_features_encoded_once_per_class(monkeypatch):
         model(images(2), ["bottle", "bottle"])
         model.loss({**batch_dict(), "category": ["bottle", "cat_a", "bottle", "cat_a"]})
     assert calls == [245, 175, 245, 175]  # normal + anomalous sentences of "bottle", then of "widget"
-    make(backbone).prepare("bottle")  # a second model on the same backbone reuses them
+    second = make(backbone)
+    second.text_cache = model.text_cache  # e.g. a disk text cache shared by the jobs of a sweep
+    second.prepare("bottle")
     assert len(calls) == 4
     named = model.loss({**batch_dict(), "category": ["x"] * 4, "class_name": ["bottle", "widget"] * 2})
     assert len(calls) == 4  # batch["class_name"] takes precedence over the category map

@@ -7,6 +7,7 @@ Layer convention: every layer index in vlmad is a **0-based transformer block in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -196,6 +197,24 @@ class ClipBackbone(nn.Module):
     def device(self) -> torch.device:
         """Device of the weights."""
         return self.visual.proj.device
+
+    def signature(self) -> str:
+        """Hash identifying the frozen function: architecture, weights (tag, file stamp, or random values), size."""
+        if getattr(self, "_signature", None) is None:
+            source = self.pretrained
+            if source and Path(source).expanduser().is_file():
+                stat = Path(source).expanduser().stat()
+                source = f"{Path(source).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            elif not source:  # random weights: only equal within one seeded build, so hash the values
+                source = (
+                    "random:"
+                    + hashlib.sha1(
+                        b"".join(p.detach().cpu().numpy().tobytes() for p in self.model.parameters())
+                    ).hexdigest()
+                )
+            parts = [self.model_name, source, self.image_size, self.visual.positional_embedding.shape]
+            self._signature = hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+        return self._signature
 
     # ---------------------------------------------------------------- text
     def tokenize(self, texts: list[str]) -> Tensor:

@@ -233,7 +233,7 @@ class AnomalyCLIP(AnomalyMethod):
         Returns:
             Prediction with (B,) image scores (global feature only) and (B, S, S) smoothed maps.
         """
-        features = self.encode_images(images) if features is None else features
+        features = self.image_features(images) if features is None else features
         text = self.text_features() if self.training else self._eval_text_features()  # (2, D)
         score = self.image_logits(features, text).softmax(dim=-1)[:, 1]  # (B,)
         maps = self.upsampled_probabilities(self.similarity(features, text))[:, :, 1]  # (B, L, S, S)
@@ -277,7 +277,7 @@ class AnomalyCLIP(AnomalyMethod):
             ``loss`` (total), ``image_loss``, ``local_loss`` (lam * sum), ``focal``, ``dice_anomalous``,
             ``dice_normal`` (the last three summed over layers, before lam); scalars.
         """
-        features = self.encode_images(batch["image"]) if features is None else features
+        features = self.image_features(batch["image"]) if features is None else features
         text = self.text_features()  # (2, D), with grad
         image_loss = F.cross_entropy(self.image_logits(features, text), batch["label"].long())
         has_mask = batch.get("has_mask")

@@ -7,7 +7,6 @@ logits upsampled bilinearly (align_corners=True) *before* the 2-way softmax. Onl
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -17,14 +16,13 @@ from torch import Tensor, nn
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.ops import dice_loss, focal_loss, gaussian_blur, min_cosine_distance
-from vlmad.prompts import TextFeatureCache, get_prompt_set
+from vlmad.prompts import get_prompt_set
 
 STAGE_REDUCE = ("sum", "mean")
 IMAGE_SCORES = ("text", "map_max", "fusion")
 IMAGE_FUSIONS = ("fixed", "transductive_minmax")
 # One text cache per backbone object, shared by every AprilGAN on it and freed with it (keying a global cache
 # by id() could hand a new random-weights backbone the features of a collected one).
-_TEXT_CACHES: weakref.WeakKeyDictionary[ClipBackbone, TextFeatureCache] = weakref.WeakKeyDictionary()
 
 
 class AprilGAN(AnomalyMethod):
@@ -107,8 +105,7 @@ class AprilGAN(AnomalyMethod):
             (2, D) L2-normalised rows [normal, anomalous].
         """
         # Each sentence normalised, group mean re-normalised (reference prompt_ensemble.py).
-        cache = _TEXT_CACHES.setdefault(self.backbone, TextFeatureCache())
-        feats = cache.get(self.backbone, self.prompt_set, class_name, True, True)
+        feats = self.text_cache.get(self.backbone, self.prompt_set, class_name, True, True)
         return feats.to(self.projections[0].weight.device)
 
     def _batch_text_features(self, class_names: Sequence[str]) -> Tensor:
@@ -127,7 +124,7 @@ class AprilGAN(AnomalyMethod):
             return
         if reference_images is None or reference_images.shape[0] == 0:
             raise ValueError(f"AprilGAN(k_shot={self.k_shot}) needs reference images for {class_name!r}")
-        tokens = self._few_shot_tokens(self.encode_images(reference_images))  # (K, n_fs, P, W)
+        tokens = self._few_shot_tokens(self.image_features(reference_images))  # (K, n_fs, P, W)
         # All K images' patches concatenated per stage, reference image 0 first (few_shot.py).
         self._memory[class_name] = tokens.transpose(0, 1).flatten(1, 2)  # (n_fs, K*P, W)
 
@@ -287,7 +284,7 @@ class AprilGAN(AnomalyMethod):
                 "image_fusion='transductive_minmax' normalises over all test images of a category; it cannot "
                 "score a batch. Collect text probabilities and map maxima, then call fuse_scores_minmax."
             )
-        feats = self.encode_images(images) if features is None else features
+        feats = self.image_features(images) if features is None else features
         text_feats = self._batch_text_features(class_names)  # (B, 2, D)
         zero_shot = self.stage_maps(feats["stages"], text_feats)[:, :, 1]  # (B, n, S, S)
         unit_map, sum_map = zero_shot.mean(1), zero_shot.sum(1)  # (B, S, S)
@@ -332,7 +329,7 @@ class AprilGAN(AnomalyMethod):
         Returns:
             ``loss`` (scalar), ``focal`` and ``dice`` (summed over stages).
         """
-        feats = self.encode_images(batch["image"]) if features is None else features
+        feats = self.image_features(batch["image"]) if features is None else features
         mask = batch["mask"]
         mask = mask[:, 0] if mask.dim() == 4 else mask
         size = self.backbone.image_size

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from vlmad.backbones import ClipBackbone
+from vlmad.prompts import TextFeatureCache
 
 
 @dataclass
@@ -36,6 +37,25 @@ class AnomalyMethod(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.k_shot = int(k_shot)
+        self.feature_cache = None  # a vlmad.cache.FeatureCache, see attach_cache
+        self.text_cache = TextFeatureCache()
+
+    def attach_cache(self, cache: object | None) -> None:
+        """Encode images through ``cache`` (a FeatureCache); a disk cache also keeps the text prototypes."""
+        self.feature_cache = cache
+        directory = getattr(cache, "directory", None)
+        if directory is not None:
+            self.text_cache.directory = directory / "text"
+
+    def encode_images(self, images: Tensor) -> dict[str, Tensor]:
+        """Frozen image-side features of (B, 3, S, S) images: a dict of (B, ...) tensors, no grad."""
+        raise NotImplementedError
+
+    def image_features(self, images: Tensor) -> dict[str, Tensor]:
+        """:meth:`encode_images`, through the attached feature cache when there is one."""
+        if self.feature_cache is None:
+            return self.encode_images(images)
+        return self.feature_cache.fetch(self, images)
 
     def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
         """Per-category set-up before scoring (text features, few-shot memory).

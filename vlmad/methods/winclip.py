@@ -15,7 +15,7 @@ from torch import Tensor
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.ops import gaussian_blur, min_cosine_distance
-from vlmad.prompts import PromptSet, TextFeatureCache, get_prompt_set
+from vlmad.prompts import PromptSet, get_prompt_set
 
 IMAGE_SCORES = ("text", "map_max")
 HARMONIC_ON = ("anomaly", "normality")
@@ -120,7 +120,6 @@ class WinCLIP(AnomalyMethod):
         self.image_score, self.harmonic_on, self.fusion = image_score, harmonic_on, fusion
         self.smoothing_sigma = float(smoothing_sigma)
         self.window_chunk = int(window_chunk)
-        self.text_cache = TextFeatureCache()
         self.memory: dict[str, dict[str | int, Tensor]] = {}  # class name -> level -> (K·n, C)
         for k in self.scales:
             indices, coverage = (t.to(backbone.device) for t in window_layout(grid, k, self.window_stride))
@@ -150,7 +149,7 @@ class WinCLIP(AnomalyMethod):
             got = None if reference_images is None else reference_images.shape[0]
             raise ValueError(f"WinCLIP: k_shot={self.k_shot} needs {self.k_shot} reference images, got {got}")
         window_scales = tuple(lvl for lvl in self.few_shot_levels if lvl != "patch")
-        _, patch_tokens, window_emb = self.encode(reference_images, window_scales)
+        _, patch_tokens, window_emb = self._unpack(self.image_features(reference_images))
         memory: dict[str | int, Tensor] = {k: window_emb[k].flatten(0, 1) for k in window_scales}  # (K·n_win, D)
         if "patch" in self.few_shot_levels:
             memory["patch"] = patch_tokens.flatten(0, 1)  # (K·P, W)
@@ -190,6 +189,19 @@ class WinCLIP(AnomalyMethod):
         embedding = final[:, 0] @ self.backbone.visual.proj  # (B, D)
         scales = self.scales if scales is None else scales
         return embedding, final[:, 1:], {k: self.window_embeddings(tokens, k) for k in scales}
+
+    def encode_images(self, images: Tensor) -> dict[str, Tensor]:
+        """:meth:`encode` as a dict of (B, ...) tensors (what a feature cache stores)."""
+        embedding, patch_tokens, windows = self.encode(images)
+        return {"embedding": embedding, "patch_tokens": patch_tokens, **{f"window_{k}": e for k, e in windows.items()}}
+
+    def _unpack(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+        windows = {k: features[f"window_{k}"] for k in self.scales}
+        return features["embedding"], features["patch_tokens"], windows
+
+    def hparams_for_checkpoint(self) -> dict:
+        """Settings that determine the frozen features (also the feature-cache key)."""
+        return {**super().hparams_for_checkpoint(), "scales": list(self.scales), "window_stride": self.window_stride}
 
     # ---------------------------------------------------------------- scoring
     def class_scores(self, embeddings: Tensor, prototypes: Tensor) -> Tensor:
@@ -320,7 +332,7 @@ class WinCLIP(AnomalyMethod):
         """
         if len(class_names) != images.shape[0]:
             raise ValueError(f"WinCLIP: {images.shape[0]} images but {len(class_names)} class names")
-        embedding, patch_tokens, window_emb = self.encode(images)
+        embedding, patch_tokens, window_emb = self._unpack(self.image_features(images))
         protos = torch.stack([self.text_prototypes(n) for n in class_names])  # (B, 2, D)
         image_scores = self.class_scores(embedding[:, None], protos)[:, 0]  # (B,)
         window_scores = {k: self.class_scores(e, protos) for k, e in window_emb.items()}  # (B, n_win)

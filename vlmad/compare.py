@@ -1,0 +1,208 @@
+"""Comparison driver: several member runs on one target set, merged into one side-by-side table.
+
+``python train.py experiment=comparison data.root=<visa> test_data.root=<mvtec>`` (train.py dispatches here
+when the config has a ``comparison`` node). Each member of ``comparison.members`` is composed with
+`vlmad.config.compose` from its own overrides plus the comparison's command-line overrides (so ``backbone=tiny``
+reaches every member), gets the comparison's resolved ``data``/``test_data`` nodes (training members fit on
+``data`` and test on ``test_data``; evaluate-only members evaluate ``test_data``), runs in
+``<output_dir>/<member>`` and writes its own metrics.csv + run.json. The merged table goes to
+``comparison.csv`` / ``comparison.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vlmad.metrics.table import MEAN_ROW, format_markdown, format_table
+from vlmad.published import lookup
+from vlmad.report import run_info, write_run_json
+
+log = logging.getLogger(__name__)
+
+# command-line overrides a member does not take over: its own output dir, the comparison itself, the data nodes
+# (copied resolved instead), and train-only keys for evaluate-only members
+_NEVER = ("experiment", "paths.output_dir", "hydra", "data", "test_data", "comparison", "published")
+_TRAIN_ONLY = ("trainer.max_epochs", "test_after_fit", "module.optimizer", "module.scheduler",
+               "module.feature_cache", "callbacks")  # fmt: skip
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _merge(*override_lists: list[str]) -> list[str]:
+    """Concatenate override lists; a later value for the same key replaces the earlier one."""
+    merged: dict[str, str] = {}
+    for overrides in override_lists:
+        for override in overrides:
+            merged.pop(_key(override), None)
+            merged[_key(override)] = override
+    return list(merged.values())
+
+
+@contextlib.contextmanager
+def _hydra_state() -> Iterator[None]:
+    """Restore the global Hydra state after composing members (the calling Hydra app keeps its own)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup, hydra_cfg = get_gh_backup(), HydraConfig.instance().cfg
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+        HydraConfig.instance().cfg = hydra_cfg
+
+
+def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictConfig:
+    """Compose one member's config in ``<output_dir>/<name>`` with the comparison's data nodes.
+
+    Args:
+        ctx: the comparison's resolved ``out``, ``data``, ``test_data``, ``choices``, ``shared`` overrides
+            (its command line, applied after the member's own) and ``paper`` (attach published ids).
+        name: the member's key (its sub-directory).
+        member: ``{task, label, published, overrides}``.
+    """
+    from vlmad.config import compose
+
+    task = member.get("task", "evaluate")
+    choices = ctx["choices"]
+    data_choices = [f"data={choices['data@test_data']}"] if task == "evaluate" else [
+        f"data={choices['data']}", f"test_data={choices['test_data']}"]  # fmt: skip
+    own = [*data_choices, *member.get("overrides", []), f"run_name={name}"]
+    keep = [o for o in ctx["shared"] if task == "train" or not _under(_key(o), _TRAIN_ONLY)]
+    member_cfg = compose(task, _merge(own, keep), ctx["out"] / name)
+    with open_dict(member_cfg):
+        if task == "evaluate":
+            member_cfg.data = ctx["test_data"]
+        else:
+            member_cfg.data, member_cfg.test_data = ctx["data"], ctx["test_data"]
+        member_cfg.published = member.get("published") if ctx["paper"] else None
+    return member_cfg
+
+
+def _target(cfg: DictConfig) -> str:
+    return str(cfg.test_data._target_).rsplit(".", 1)[-1]
+
+
+def _hydra(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return cfg.hydra if "hydra" in cfg else HydraConfig.get()
+
+
+def side_by_side(results: dict[str, dict[str, dict[str, float]]], published: dict[str, str | None]) -> dict:
+    """Wide table: {category | mean | "mean (paper)": {"<metric>/<member>": fraction}}, metric-major."""
+    metrics = list(dict.fromkeys(m for rows in results.values() for m in rows.get(MEAN_ROW, {})))
+    categories = list(dict.fromkeys(c for rows in results.values() for c in rows if c != MEAN_ROW))
+    paper = {label: lookup(pid).get(MEAN_ROW, {}) for label, pid in published.items()}
+    table: dict[str, dict[str, float]] = {}
+    for row in [*categories, MEAN_ROW]:
+        table[row] = {f"{m}/{label}": rows.get(row, {}).get(m, math.nan) for m in metrics for label, rows in
+                      results.items()}  # fmt: skip
+    if any(paper.values()):
+        table[f"{MEAN_ROW} (paper)"] = {f"{m}/{label}": paper[label].get(m, math.nan) for m in metrics
+                                        for label in results}  # fmt: skip
+    return table
+
+
+def _write_wide(path: Path, table: dict[str, dict[str, float]]) -> None:
+    columns = list(dict.fromkeys(c for row in table.values() for c in row))
+    lines = [",".join(["category", *columns])]
+    lines += [",".join([name, *(repr(float(row.get(c, math.nan))) for c in columns)]) for name, row in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _markdown_wide(table: dict[str, dict[str, float]], title: str) -> str:
+    columns = list(dict.fromkeys(c for row in table.values() for c in row))
+    out = [f"**{title}**", "", "| category | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name, row in table.items():
+        cells = ["" if math.isnan(row.get(c, math.nan)) else f"{100 * row[c]:.1f}" for c in columns]
+        out.append(f"| {f'**{name}**' if name.startswith(MEAN_ROW) else name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Run every member, then write ``comparison.csv`` / ``comparison.md``.
+
+    Returns:
+        the wide table ({category: {"<metric>/<member label>": fraction}}) and
+        {"members": {label: per-category metrics}, "failed": {name: error}}.
+    """
+    from vlmad.run import evaluate, train
+
+    # resolve everything first: composing a member replaces the global HydraConfig that ${hydra:...} reads
+    hydra, out = _hydra(cfg), Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = [o for o in hydra.overrides.task if not _under(_key(o), _NEVER)]
+    ctx = {"out": out, "shared": shared, "choices": OmegaConf.to_container(hydra.runtime.choices),
+           "data": OmegaConf.to_container(cfg.data, resolve=True),
+           "test_data": OmegaConf.to_container(cfg.test_data, resolve=True),
+           "paper": cfg.comparison.get("paper_eval_set") == _target(cfg)}  # fmt: skip
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    published: dict[str, str | None] = {}
+    failed: dict[str, str] = {}
+    status = {"status": "running", "members": list(cfg.comparison.members), "overrides": shared}
+    (out / "comparison.json").write_text(json.dumps(status, indent=2))
+    with _hydra_state():
+        for name, member in cfg.comparison.members.items():
+            label, member_cfg = member.get("label", name), None
+            try:
+                member_cfg = compose_member(ctx, name, member)
+                write_run_json(member_cfg.paths.output_dir, run_info(member_cfg, status="running"))
+                fn = train if member.get("task", "evaluate") == "train" else evaluate
+                results[label], _ = fn(member_cfg)
+                published[label] = member_cfg.published
+            except Exception as err:  # one failing member must not lose the others' results
+                log.exception("comparison member %s failed", name)
+                failed[name] = f"{type(err).__name__}: {err}"
+                if member_cfg is not None:
+                    write_run_json(member_cfg.paths.output_dir, run_info(member_cfg, "failed", error=failed[name]))
+    title = cfg.comparison.get("title", "comparison") + f" — {_target(cfg)} ({cfg.test_data.get('root')})"
+    if cfg.backbone.pretrained is None and "tiny" in str(cfg.backbone.model_name):
+        title += " — RANDOM-WEIGHTS tiny CLIP (pipeline check only)"
+    summary = {label: rows[MEAN_ROW] for label, rows in results.items()}
+    table = side_by_side(results, published)
+    _write_wide(out / "comparison.csv", table)
+    md = [format_markdown(summary, title=f"{title}: mean over categories"), "", _markdown_wide(table, title)]
+    if failed:
+        md += ["", "**Failed members:** " + "; ".join(f"{k}: {v}" for k, v in failed.items())]
+    (out / "comparison.md").write_text("\n".join(md) + "\n")
+    print(format_table(summary, title=f"{title}: mean over categories"), flush=True)
+    print(f"side-by-side per-category table: {out / 'comparison.md'}", flush=True)
+    (out / "comparison.json").write_text(json.dumps({**status, "status": "failed" if failed else "done",
+                                                     "failed": failed}, indent=2))  # fmt: skip
+    if failed:
+        raise RuntimeError(f"comparison members failed: {failed}")
+    return table, {"members": results, "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlmad.compare [overrides...]``: compose train.yaml with the overrides and run it."""
+    import sys
+    from datetime import datetime
+
+    from vlmad.config import compose
+
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if not any(_key(o) == "experiment" for o in overrides):
+        overrides.insert(0, "experiment=comparison")
+    out = next((o.split("=", 1)[1] for o in overrides if _key(o) == "paths.output_dir"), None)
+    overrides = [o for o in overrides if _key(o) != "paths.output_dir"]
+    run(compose("train", overrides, out or f"outputs/comparison/{datetime.now():%Y-%m-%d_%H-%M-%S}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Run provenance (``run.json``) and sweep reports: ``python -m vlmad.report DIR [--per-category]``.
+
+Every run writes ``run.json`` beside its ``metrics.csv``. The report walks DIR recursively, groups the finished
+runs by their setting (method, eval set, k_shot, backbone, ... — everything but the seed), prints mean ± std over
+seeds (= reference draws) per metric next to the published numbers of the group's ``published`` id, writes
+``report.csv`` / ``report.md`` into DIR and lists failed or incomplete jobs separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from vlmad.metrics.table import MEAN_ROW, read_csv
+from vlmad.published import PUBLISHED, lookup
+
+RUN_JSON = "run.json"
+GROUP_FIELDS = ("experiment", "method", "eval_set", "eval_root", "eval_categories", "fit_set", "fit_root", "max_epochs",
+                "k_shot", "backbone", "pretrained", "image_size", "pixel_size", "mask_resize", "aupro_mode", "published",
+                "extra")  # fmt: skip
+ALWAYS_SHOWN = ("method", "eval_set", "k_shot")
+# overrides left out of the `extra` group field: the seed is what we average over, some do not change the numbers,
+# the rest are already group fields of their own (method, data, backbone, ...)
+_NOT_A_SETTING = ("seed", "experiment", "ckpt_path", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
+                  "datamodule.num_workers", "datamodule.batch_size", "published", "method", "method.k_shot",
+                  "datamodule.mask_resize", "module.metrics.pixel_size", "module.metrics.aupro_mode",
+                  "trainer.max_epochs", "run_name", "tags", "module.feature_cache", "module.num_overlays")  # fmt: skip
+_NOT_A_SETTING_TREE = ("paths", "hydra", "backbone", "data", "test_data", "logger")  # the node and all its keys
+
+
+# ----------------------------------------------------------------------------------------------- run.json
+def _name(node: Any) -> str:
+    return str(node._target_).rsplit(".", 1)[-1]
+
+
+def _dataset(node: DictConfig) -> str:
+    """``MVTec`` / ``VisA`` / ``Synthetic[mvtec]`` / ``Folder``."""
+    return _name(node) + (f"[{node.layout}]" if node.get("layout") else "")
+
+
+def _hydra_node(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return HydraConfig.get()
+    return cfg.get("hydra")
+
+
+def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, Any]:
+    """Provenance of a composed run config (train when it has a ``test_data`` node, else evaluate).
+
+    Args:
+        cfg: the run's composed config.
+        status: ``running`` | ``done`` | ``failed``.
+        extra: further fields (e.g. ``error``).
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    fit = "test_data" in cfg
+    target = cfg.test_data if fit else cfg.data
+    hydra = _hydra_node(cfg)
+    choices = OmegaConf.to_container(hydra.runtime.choices) if hydra is not None else {}
+    overrides = list(hydra.overrides.task) if hydra is not None else []
+    metrics = cfg.module.get("metrics") or {}
+    return {
+        "status": status,
+        "task": cfg.get("task_name"),
+        "method": _name(cfg.method),
+        "eval_set": _dataset(target),
+        "eval_root": str(target.get("root")),
+        "eval_categories": OmegaConf.to_container(target.categories) if target.get("categories") else None,
+        "fit_set": _dataset(cfg.data) if fit else None,
+        "fit_root": str(cfg.data.get("root")) if fit else None,
+        "max_epochs": cfg.trainer.get("max_epochs") if fit else None,
+        "ckpt_path": cfg.get("ckpt_path"),
+        "backbone": cfg.backbone.model_name,
+        "pretrained": cfg.backbone.pretrained,
+        "image_size": cfg.backbone.image_size,
+        "k_shot": cfg.method.get("k_shot", 0),
+        "seed": cfg.get("seed"),
+        "experiment": choices.get("experiment"),
+        "published": cfg.get("published"),
+        "pixel_size": metrics.get("pixel_size"),
+        "mask_resize": cfg.datamodule.get("mask_resize"),
+        "aupro_mode": metrics.get("aupro_mode"),
+        "choices": choices,
+        "overrides": overrides,
+        "output_dir": str(cfg.paths.output_dir),
+        "time": datetime.now().isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def write_run_json(out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Atomically write ``run.json`` into ``out_dir``."""
+    path = Path(out_dir) / RUN_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".run.json.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(info, handle, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ collect
+def _setting(override: str) -> str | None:
+    """An override that distinguishes settings, without ``+``/``++``/``~`` prefixes; None if it does not."""
+    text = override.lstrip("+~")
+    key = text.split("=", 1)[0]
+    if key in _NOT_A_SETTING or key.split(".", 1)[0] in _NOT_A_SETTING_TREE:
+        return None
+    return text
+
+
+def collect(root: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Find the runs under ``root``.
+
+    A run is a folder holding ``run.json`` or a Hydra ``.hydra/`` folder (written when a job starts, so a job
+    that crashed before reporting is still found); folders of a comparison driver are skipped.
+
+    Returns:
+        (finished runs with their ``info`` and ``rows``, failed/incomplete runs with a ``reason``).
+    """
+    root = Path(root)
+    dirs = {p.parent for p in root.rglob(RUN_JSON)} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    done, failed = [], []
+    for d in sorted(dirs):
+        if (d / "comparison.json").exists():
+            continue
+        info = json.loads((d / RUN_JSON).read_text()) if (d / RUN_JSON).exists() else None
+        overrides = info["overrides"] if info else _hydra_overrides(d)
+        entry = {"dir": str(d.relative_to(root)) or ".", "info": info or {}, "overrides": overrides}
+        if info and info.get("status") == "done" and (d / "metrics.csv").exists():
+            entry["rows"] = read_csv(d / "metrics.csv")
+            entry["info"]["extra"] = " ".join(sorted(filter(None, map(_setting, overrides))))
+            done.append(entry)
+        else:
+            status = (info or {}).get("status", "no run.json")
+            reason = (info or {}).get("error") or ("no metrics.csv" if status != "done" else "metrics.csv missing")
+            failed.append({**entry, "reason": f"{status}: {reason}"})
+    return done, failed
+
+
+def _hydra_overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return list(OmegaConf.load(path)) if path.exists() else []
+
+
+# ------------------------------------------------------------------------------------------------- report
+def _stats(values: Iterable[float], ddof: int) -> tuple[float, float, int]:
+    arr = np.array([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if not arr.size:
+        return math.nan, math.nan, 0
+    return float(arr.mean()), float(arr.std(ddof=ddof)) if arr.size > max(ddof, 1) else math.nan, int(arr.size)
+
+
+def aggregate(runs: list[dict[str, Any]], per_category: bool = False, ddof: int = 0) -> list[dict[str, Any]]:
+    """One row per group (x category): mean / std over the group's runs, plus the published numbers.
+
+    Args:
+        runs: finished runs from `collect`.
+        per_category: also one row per category (the mean row is always there).
+        ddof: 0 = numpy's default (population) std; 1 = sample std.
+
+    Returns:
+        Rows with the group fields, ``category``, ``n``, ``seeds``, ``<metric>``, ``<metric>_std`` and
+        ``<metric> (paper)`` / ``<metric>_std (paper)`` where published.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(str(run["info"].get(f)) for f in GROUP_FIELDS), []).append(run)
+    out = []
+    for key, members in groups.items():
+        fields = {f: members[0]["info"].get(f) for f in GROUP_FIELDS}
+        fields = {f: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in fields.items()}
+        categories = list(dict.fromkeys(c for m in members for c in m["rows"] if c != MEAN_ROW))
+        paper = lookup(fields["published"])
+        paper_std = {k: v / 100 for k, v in PUBLISHED[fields["published"]].std.items()} if paper else {}
+        for category in [*(categories if per_category else []), MEAN_ROW]:
+            row: dict[str, Any] = {**fields, "category": category, "n": len(members),
+                                   "seeds": " ".join(str(m["info"].get("seed")) for m in members)}  # fmt: skip
+            metrics = list(dict.fromkeys(k for m in members for k in m["rows"].get(category, {})))
+            for metric in metrics:
+                mean, std, _ = _stats((m["rows"].get(category, {}).get(metric, math.nan) for m in members), ddof)
+                row[metric], row[f"{metric}_std"] = mean, std
+                if metric in paper.get(category, {}):
+                    row[f"{metric} (paper)"] = paper[category][metric]
+                    if category == MEAN_ROW and metric in paper_std:
+                        row[f"{metric}_std (paper)"] = paper_std[metric]
+            out.append(row)
+    return out
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "" if column.endswith("(paper)") else "n/a"
+    if not isinstance(value, float):
+        return str(value)
+    std = row.get(column.replace(" (paper)", "_std (paper)") if column.endswith("(paper)") else f"{column}_std")
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None and not math.isnan(std) else "")
+
+
+def _display_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(group columns worth showing: always-shown ones and those that vary, metric columns)."""
+    varying = [f for f in GROUP_FIELDS if f in ALWAYS_SHOWN or len({str(r.get(f)) for r in rows}) > 1]
+    metrics = [k for k in dict.fromkeys(k for r in rows for k in r) if isinstance(k, str)]
+    metrics = [k for k in metrics if k not in GROUP_FIELDS and k not in ("category", "n", "seeds")]
+    return [*varying, "category", "n"], [k for k in metrics if "_std" not in k]
+
+
+def format_report(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The aggregated rows as a fixed-width text table or a markdown table (percent, mean ± std)."""
+    group_cols, metric_cols = _display_columns(rows)
+    columns = [*group_cols, *metric_cols]
+    cells = [[_cell(r, c) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(group_cols) + "---:|" * len(metric_cols)]
+        return "\n".join([*lines, *("| " + " | ".join(c) + " |" for c in cells)])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("-" * len(lines[0]))
+    return "\n".join([*lines, *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells)])
+
+
+def _format_failed(failed: list[dict[str, Any]]) -> str:
+    return "\n".join(f"- {f['dir']}: {f['reason']} ({' '.join(f['overrides'])})" for f in failed)
+
+
+def report(root: str | os.PathLike, per_category: bool = False, ddof: int = 0) -> dict[str, Any]:
+    """Gather ``root``, write ``report.csv`` and ``report.md`` into it and print the table.
+
+    Returns:
+        {"rows": aggregated rows, "runs": finished runs, "failed": failed or incomplete runs}.
+    """
+    root = Path(root)
+    runs, failed = collect(root)
+    rows = aggregate(runs, per_category=per_category, ddof=ddof)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (root / "report.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    n_groups = len({tuple(str(r[f]) for f in GROUP_FIELDS) for r in rows})
+    title = f"{len(runs)} finished run(s) in {n_groups} group(s); mean ± std over seeds (percent); (paper) = published"
+    md = [f"**{title}**", "", format_report(rows, markdown=True) if rows else "(no finished runs)"]
+    text = [title, format_report(rows) if rows else "(no finished runs)"]
+    if failed:
+        md += ["", f"**Failed or incomplete ({len(failed)})**", "", _format_failed(failed)]
+        text += ["", f"Failed or incomplete ({len(failed)}):", _format_failed(failed)]
+    (root / "report.md").write_text("\n".join(md) + "\n")
+    print("\n".join(text), flush=True)
+    return {"rows": rows, "runs": runs, "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """CLI: ``python -m vlmad.report DIR [--per-category] [--ddof 1]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="a sweep directory (multirun/...), a comparison or any folder of runs")
+    parser.add_argument("--per-category", action="store_true", help="one row per category, not only the mean")
+    parser.add_argument("--ddof", type=int, default=0, help="std degrees of freedom (0: numpy default)")
+    args = parser.parse_args(argv)
+    return report(args.dir, per_category=args.per_category, ddof=args.ddof)
+
+
+if __name__ == "__main__":
+    main()
