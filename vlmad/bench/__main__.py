@@ -2,7 +2,8 @@
 
 Sections: ``winclip`` (ViT-B-16-plus-240, batch 1 and 8, zero-shot and 1-shot vs a bare encode_image),
 ``anomalyclip`` (ViT-L-14-336-quickgelu at 336 and 518 px vs a bare encode_image), ``training``
-(AnomalyCLIP seconds per epoch on a small generated auxiliary set, without and with the feature cache).
+(AnomalyCLIP seconds per epoch on a small generated auxiliary set, without and with the feature cache),
+``sweep`` (a WinCLIP k-shot x reference-draw sweep without cache, with a cold and a warm disk cache).
 Random weights cost exactly what trained weights cost; no quality is measured here.
 """
 
@@ -15,7 +16,7 @@ import time
 def main(argv: list[str] | None = None) -> None:
     """Run the selected sections and print their tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["winclip", "anomalyclip", "training"])
+    parser.add_argument("sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep"])
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
     import torch
@@ -35,8 +36,12 @@ def main(argv: list[str] | None = None) -> None:
             from vlmad.bench import training as bench
 
             rows = bench.run(backbone="tiny", image_size=64, n_images=4, epochs=2) if args.quick else bench.run()
+        elif section == "sweep":
+            from vlmad.bench import sweep as bench
+
+            rows = bench.run(ks=(1, 2), draws=2, backbone="tiny", image_size=64) if args.quick else bench.run()
         else:
-            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training)")
+            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training, sweep)")
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)
 
 
