@@ -52,5 +52,8 @@ train: $(STAMP) ## python train.py $(ARGS)
 evaluate: $(STAMP) ## python evaluate.py $(ARGS)
 	$(BIN)/python evaluate.py $(ARGS)
 
+report: $(STAMP) ## one table for a sweep or comparison dir: make report DIR=multirun/... [ARGS=--per-category]
+	$(BIN)/python -m vlmad.report $(DIR) $(ARGS)
+
 clean: ## remove caches and outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache outputs multirun

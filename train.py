@@ -3,13 +3,14 @@
 import hydra
 from omegaconf import DictConfig
 
+from vlmad import compare
 from vlmad.run import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the mean pixel AUROC for sweepers."""
-    metrics, _ = train(cfg)
+    metrics, _ = (compare.run if "comparison" in cfg else train)(cfg)  # experiment=comparison: vlmad.compare
     return metrics.get("mean", {}).get("pixel_auroc")
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def method_signature(method: torch.nn.Module) -> str:
     """Hash of everything that determines a method's frozen image features."""
-    parts = {"method": method.hparams_for_checkpoint(), "backbone": method.backbone.signature()}
+    parts = {"method": method.feature_signature(), "backbone": method.backbone.signature()}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -79,7 +79,9 @@ def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictCo
 
     task = member.get("task", "evaluate")
     choices = ctx["choices"]
-    data_choices = [f"data={choices['data@test_data']}"] if task == "evaluate" else [
+    # the data choice behind test_data (for run names and choices; the node itself is replaced below)
+    target = choices.get("data@test_data") or choices["data"]
+    data_choices = [f"data={target}"] if task == "evaluate" else [
         f"data={choices['data']}", f"test_data={choices['test_data']}"]  # fmt: skip
     own = [*data_choices, *member.get("overrides", []), f"run_name={name}"]
     keep = [o for o in ctx["shared"] if task == "train" or not _under(_key(o), _TRAIN_ONLY)]

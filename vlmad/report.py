@@ -26,16 +26,18 @@ from vlmad.metrics.table import MEAN_ROW, read_csv
 from vlmad.published import PUBLISHED, lookup
 
 RUN_JSON = "run.json"
-GROUP_FIELDS = ("experiment", "method", "eval_set", "eval_root", "eval_categories", "fit_set", "fit_root", "max_epochs",
-                "k_shot", "backbone", "pretrained", "image_size", "pixel_size", "mask_resize", "aupro_mode", "published",
-                "extra")  # fmt: skip
+GROUP_FIELDS = ("experiment", "method", "eval_set", "eval_root", "eval_categories", "fit_set", "fit_root",
+                "max_epochs", "k_shot", "backbone", "pretrained", "image_size", "pixel_size", "mask_resize",
+                "aupro_mode", "published", "extra")  # fmt: skip
 ALWAYS_SHOWN = ("method", "eval_set", "k_shot")
 # overrides left out of the `extra` group field: the seed is what we average over, some do not change the numbers,
 # the rest are already group fields of their own (method, data, backbone, ...)
-_NOT_A_SETTING = ("seed", "experiment", "ckpt_path", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
-                  "datamodule.num_workers", "datamodule.batch_size", "published", "method", "method.k_shot",
-                  "datamodule.mask_resize", "module.metrics.pixel_size", "module.metrics.aupro_mode",
-                  "trainer.max_epochs", "run_name", "tags", "module.feature_cache", "module.num_overlays")  # fmt: skip
+_NOT_A_SETTING = (
+    "seed", "experiment", "ckpt_path", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
+    "datamodule.num_workers", "datamodule.batch_size", "published", "method", "method.k_shot", "trainer.max_epochs",
+    "datamodule.mask_resize", "module.metrics.pixel_size", "module.metrics.aupro_mode", "run_name", "tags",
+    "module.feature_cache", "module.num_overlays",
+)  # fmt: skip
 _NOT_A_SETTING_TREE = ("paths", "hydra", "backbone", "data", "test_data", "logger")  # the node and all its keys
 
 
@@ -182,7 +184,7 @@ def aggregate(runs: list[dict[str, Any]], per_category: bool = False, ddof: int 
     for run in runs:
         groups.setdefault(tuple(str(run["info"].get(f)) for f in GROUP_FIELDS), []).append(run)
     out = []
-    for key, members in groups.items():
+    for members in groups.values():
         fields = {f: members[0]["info"].get(f) for f in GROUP_FIELDS}
         fields = {f: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in fields.items()}
         categories = list(dict.fromkeys(c for m in members for c in m["rows"] if c != MEAN_ROW))

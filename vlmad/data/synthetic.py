@@ -247,6 +247,9 @@ def generate(
     old = json.loads(marker.read_text()) if marker.is_file() else None
     if old == args:
         return root
+    same_settings = old is not None and {**old, "categories": categories} == args
+    if same_settings and set(categories) <= set(old["categories"]):
+        return root  # a subset of a tree already generated with the same settings (categories are independent)
     marker.unlink(missing_ok=True)
     for category in {*categories, *(old or {}).get("categories", [])}:
         shutil.rmtree(root / category, ignore_errors=True)

@@ -342,13 +342,15 @@ class AprilGAN(AnomalyMethod):
         return {"loss": parts.sum(), "focal": parts[0], "dice": parts[1]}
 
     # ---------------------------------------------------------------- checkpoints
+    def feature_signature(self) -> dict:
+        """Everything that shapes :meth:`encode_images` (the feature-cache key)."""
+        return {**self.hparams_for_checkpoint(), "k_shot": self.k_shot, "few_shot_layers": list(self.few_shot_layers)}
+
     def hparams_for_checkpoint(self) -> dict:
-        """Settings a checkpoint must match; also everything that shapes :meth:`encode_images` (cache key)."""
+        """Settings a checkpoint must match (the k-shot memory is not learned: zero-shot projections serve k > 0)."""
         return {
             **super().hparams_for_checkpoint(),
-            "k_shot": self.k_shot,
             "feature_layers": list(self.feature_layers),
-            "few_shot_layers": list(self.few_shot_layers),
             "width": self.backbone.width,
             "embed_dim": self.backbone.embed_dim,
             "image_size": self.backbone.image_size,

@@ -77,6 +77,10 @@ class AnomalyMethod(nn.Module):
         """Settings needed to check a checkpoint fits this method (shapes, backbone)."""
         return {"method": type(self).__name__, "backbone": self.backbone.model_name}
 
+    def feature_signature(self) -> dict:
+        """Settings that determine :meth:`encode_images` (part of the feature-cache key)."""
+        return self.hparams_for_checkpoint()
+
     def learned_state(self) -> dict[str, Tensor]:
         """state_dict without the frozen backbone."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -199,9 +199,9 @@ class WinCLIP(AnomalyMethod):
         windows = {k: features[f"window_{k}"] for k in self.scales}
         return features["embedding"], features["patch_tokens"], windows
 
-    def hparams_for_checkpoint(self) -> dict:
-        """Settings that determine the frozen features (also the feature-cache key)."""
-        return {**super().hparams_for_checkpoint(), "scales": list(self.scales), "window_stride": self.window_stride}
+    def feature_signature(self) -> dict:
+        """Settings that determine the frozen features (the feature-cache key); k_shot is not one of them."""
+        return {**super().feature_signature(), "scales": list(self.scales), "window_stride": self.window_stride}
 
     # ---------------------------------------------------------------- scoring
     def class_scores(self, embeddings: Tensor, prototypes: Tensor) -> Tensor:

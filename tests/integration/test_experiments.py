@@ -1,0 +1,137 @@
+"""Every experiment config is composed AND run (tiny backbone, generated data, one category), so none can rot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SYNTHETIC
+from omegaconf import OmegaConf
+
+from vlmad import compare
+from vlmad.config import CONF_DIR, compose
+from vlmad.metrics.table import read_csv
+from vlmad.published import PUBLISHED, lookup
+from vlmad.report import report
+from vlmad.run import evaluate, train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+CATEGORY = {"mvtec": "bottle_syn", "visa": "candle_syn"}
+
+
+def _spec(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml"))
+
+
+def _data(node: str, layout: str, root) -> list[str]:
+    option = "synthetic" if layout == "mvtec" else "synthetic_visa"
+    return [f"{node}={option}", f"{node}.root={root}", f"{node}.categories=[{CATEGORY[layout]}]",
+            *(f"{node}.{k}={v}" for k, v in SYNTHETIC.items())]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_category_roots(tmp_path_factory) -> dict:
+    """One category per layout (own trees: a category subset of the shared trees would regenerate them)."""
+    from vlmad.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("one_category")
+    return {k: generate(base / k, layout=k, categories=[c], **SYNTHETIC) for k, c in CATEGORY.items()}
+
+
+def _overrides(task: str, roots: dict, tmp_path) -> list[str]:
+    base = ["backbone=tiny", "backbone.image_size=64", f"paths.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "datamodule.batch_size=4", "module.num_overlays=0"]  # fmt: skip
+    if task == "evaluate":
+        return [*base, *_data("data", "mvtec", roots["mvtec"])]
+    return [*base, "++trainer.fast_dev_run=true", *_data("data", "visa", roots["visa"]),
+            *_data("test_data", "mvtec", roots["mvtec"])]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def aprilgan_ckpt(one_category_roots, tmp_path_factory):
+    """Projections from one fast_dev_run step: what the k-shot experiments' ckpt_path points at."""
+    out = tmp_path_factory.mktemp("aprilgan_fit")
+    cfg = compose("train", [*_overrides("train", one_category_roots, out), "method=aprilgan", "test_after_fit=false"],
+                  out / "run")  # fmt: skip
+    _, objects = train(cfg)
+    return objects["module"].output_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_runs(name, one_category_roots, tmp_path, request):
+    spec = _spec(name)
+    task = spec.get("task_name", "train")  # smoke: `make smoke` = train.py
+    config = "evaluate" if task == "evaluate" else "train"
+    extra = [f"experiment={name}"]
+    if spec.get("ckpt_path") == "???":
+        extra.append(f"ckpt_path={request.getfixturevalue('aprilgan_ckpt')}")  # zero-shot projections, k_shot=4
+    cfg = compose(config, [*_overrides(config, one_category_roots, tmp_path), *extra], tmp_path / "run")
+    assert cfg.backbone.model_name == "vlmad-tiny"  # the command line wins over the experiment's backbone pin
+    if "comparison" in cfg:
+        _, objects = compare.run(cfg)
+        out = tmp_path / "run"
+        assert (out / "comparison.csv").is_file() and (out / "comparison.md").is_file()
+        table = read_csv(out / "comparison.csv")
+        assert list(table) == [CATEGORY["mvtec"], "mean"]
+        labels = [m.get("label", k) for k, m in spec["comparison"]["members"].items()]
+        assert set(objects["members"]) == set(labels)
+        assert {f"image_auroc/{x}" for x in labels} | {f"pixel_auroc/{x}" for x in labels} <= set(table["mean"])
+        for member in spec["comparison"]["members"]:
+            assert list(read_csv(out / member / "metrics.csv")) == [CATEGORY["mvtec"], "mean"]
+            assert json.loads((out / member / "run.json").read_text())["status"] == "done"
+        return
+    results, objects = (evaluate if config == "evaluate" else train)(cfg)
+    out = objects["module"].output_dir
+    assert list(read_csv(out / "metrics.csv")) == [CATEGORY["mvtec"], "mean"] == list(results)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "done" and info["experiment"] == name and info["backbone"] == "vlmad-tiny"
+    assert info["k_shot"] == cfg.method.k_shot and info["eval_set"] == "Synthetic[mvtec]"
+    if spec.get("published"):
+        assert info["published"] in PUBLISHED
+        assert info["published"].startswith(name.rsplit("_k", 1)[0] if "winclip" in name else name)
+
+
+def test_report_shows_published_next_to_this_run(one_category_roots, tmp_path):
+    overrides = [*_overrides("evaluate", one_category_roots, tmp_path), "experiment=winclip_mvtec_k0"]
+    results, _ = evaluate(compose("evaluate", overrides, tmp_path / "runs" / "a"))
+    rows = report(tmp_path / "runs", per_category=True)["rows"]
+    mean = next(r for r in rows if r["category"] == "mean")
+    assert mean["published"] == "winclip_mvtec_k0" and mean["n"] == 1
+    assert mean["image_auroc"] == pytest.approx(results["mean"]["image_auroc"])
+    assert mean["image_auroc (paper)"] == pytest.approx(0.918)
+    assert mean["image_ap (paper)"] == pytest.approx(0.965)  # "AUPR" -> image_ap
+    assert mean["pixel_aupro (paper)"] == mean["pixel_aupro_legacy (paper)"] == pytest.approx(0.646)  # both
+    assert "pixel_ap (paper)" not in mean  # only what the paper reports
+    md = (tmp_path / "runs" / "report.md").read_text()
+    assert "image_auroc (paper)" in md and "91.8" in md
+
+
+def test_published_numbers_are_consistent():
+    for key in EXPERIMENTS:
+        pid = _spec(key).get("published")
+        if pid and "${" not in pid:
+            assert pid in PUBLISHED, key
+    assert {f"winclip_{d}_k{k}" for d in ("mvtec", "visa") for k in (0, 1, 2, 4)} <= set(PUBLISHED)
+    # per-category tables reproduce the published means (WinCLIP exactly; AnomalyCLIP's logs within 0.3)
+    for pid, tol in [("winclip_mvtec_k0", 0.0006), ("winclip_visa_k0", 0.0006), ("anomalyclip_visa_to_mvtec", 0.003),
+                     ("anomalyclip_mvtec_to_visa", 0.003)]:  # fmt: skip
+        rows = lookup(pid)
+        categories = [c for c in rows if c != "mean"]
+        assert len(categories) == (15 if "mvtec" in pid.split("_to_")[-1] or pid.startswith("winclip_mvtec") else 12)
+        for metric in rows[categories[0]]:
+            if metric in rows["mean"]:
+                mean = np.mean([rows[c][metric] for c in categories])
+                assert mean == pytest.approx(rows["mean"][metric], abs=tol), (pid, metric)
+    assert lookup("anomalyclip_visa_to_mvtec")["mean"]["pixel_aupro_legacy"] == pytest.approx(0.814)
+    assert "pixel_aupro" not in lookup("aprilgan_visa_to_mvtec")["mean"]  # their AUPRO is the legacy variant
+    assert lookup("nope") == {} and lookup(None) == {}
+
+
+def test_side_by_side_table_has_a_paper_row():
+    results = {"WinCLIP": {"a": {"image_auroc": 0.5}, "mean": {"image_auroc": 0.5}},
+               "AnomalyCLIP": {"a": {"image_auroc": 0.7}, "mean": {"image_auroc": 0.7}}}  # fmt: skip
+    table = compare.side_by_side(results, {"WinCLIP": "winclip_mvtec_k0", "AnomalyCLIP": "anomalyclip_visa_to_mvtec"})
+    assert list(table) == ["a", "mean", "mean (paper)"]
+    assert table["mean"] == {"image_auroc/WinCLIP": 0.5, "image_auroc/AnomalyCLIP": 0.7}
+    assert table["mean (paper)"] == pytest.approx({"image_auroc/WinCLIP": 0.918, "image_auroc/AnomalyCLIP": 0.915})
