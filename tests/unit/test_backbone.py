@@ -68,13 +68,13 @@ def test_local_checkpoint_file_loads_strictly(tmp_path, backbone):
 
 
 def test_unreachable_weights_say_how_to_use_a_local_file(monkeypatch):
-    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: ["openai"])
+    monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda name: ["a_hub_tag"])
 
     def offline(*args, **kwargs):
         raise OSError("Temporary failure in name resolution")  # what a download without network raises
 
     monkeypatch.setattr(open_clip, "create_model", offline)
     with pytest.raises(RuntimeError, match=r"network.*backbone\.pretrained=/path/to/"):
-        ClipBackbone("vlmad-tiny", pretrained="openai")
+        ClipBackbone("vlmad-tiny", pretrained="a_hub_tag")  # create_model is patched: nothing downloads
     with pytest.raises(ValueError, match="neither an existing checkpoint file nor an open_clip tag"):
         ClipBackbone("vlmad-tiny", pretrained="no_such_tag")
