@@ -70,3 +70,21 @@ def make_cfg(tmp_path, synthetic_roots):
         return compose(config_name, [*base, *overrides], tmp_path / "run")
 
     return _make
+
+
+@pytest.fixture
+def count_encodes(monkeypatch):
+    """count_encodes(MethodClass) -> list that receives the batch size of every ``encode_images`` call."""
+
+    def _count(cls) -> list[int]:
+        calls: list[int] = []
+        original = cls.encode_images
+
+        def counting(self, images, calls=calls, original=original):
+            calls.append(len(images))
+            return original(self, images)
+
+        monkeypatch.setattr(cls, "encode_images", counting)
+        return calls
+
+    return _count

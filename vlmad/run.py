@@ -34,6 +34,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def _resolved_without_hydra(cfg: DictConfig) -> dict:
+    # configs composed in Python keep the hydra node, whose sweep keys cannot resolve outside a multirun
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}  # fmt: skip
+
+
 def _loggers(cfg: DictConfig) -> list:
     # W&B runs start lazily (first log_hyperparams in build), in the mode vlmad.loggers.wandb_mode picks
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
@@ -62,7 +68,7 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()], enable_checkpointing=fit,
     )  # fmt: skip
     for lg in loggers:
-        lg.log_hyperparams({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"})
+        lg.log_hyperparams(_resolved_without_hydra(cfg))
     return {"backbone": backbone, "method": method, "module": module, "datamodule": datamodule,
             "trainer": trainer, "loggers": loggers}  # fmt: skip
 

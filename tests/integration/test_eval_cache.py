@@ -10,15 +10,8 @@ from vlmad.run import evaluate
 JOBS = [(1, 0), (1, 1), (2, 0)]  # (k_shot, reference seed)
 
 
-def _sweep(make_cfg, monkeypatch, cache_dir=None):
-    encoded: list[int] = []
-    original = WinCLIP.encode_images
-
-    def counting(self, images, encoded=encoded, original=original):
-        encoded.append(len(images))
-        return original(self, images)
-
-    monkeypatch.setattr(WinCLIP, "encode_images", counting)
+def _sweep(make_cfg, count_encodes, cache_dir=None):
+    encoded = count_encodes(WinCLIP)
     results = []
     for k, seed in JOBS:
         extra = [f"module.feature_cache={cache_dir}"] if cache_dir else []
@@ -26,13 +19,12 @@ def _sweep(make_cfg, monkeypatch, cache_dir=None):
                                          f"module.reference_seed={seed}", *extra))  # fmt: skip
         results.append(res)
     n_test = sum(len(objects["datamodule"].test_dataset(c)) for c in objects["datamodule"].test_categories)
-    monkeypatch.setattr(WinCLIP, "encode_images", original)
     return results, sum(encoded), n_test, objects
 
 
-def test_disk_cache_encodes_test_images_once_with_identical_results(make_cfg, monkeypatch, tmp_path):
-    plain, plain_encoded, n_test, _ = _sweep(make_cfg, monkeypatch)
-    cached, cached_encoded, _, objects = _sweep(make_cfg, monkeypatch, tmp_path / "cache")
+def test_disk_cache_encodes_test_images_once_with_identical_results(make_cfg, count_encodes, tmp_path):
+    plain, plain_encoded, n_test, _ = _sweep(make_cfg, count_encodes)
+    cached, cached_encoded, _, objects = _sweep(make_cfg, count_encodes, tmp_path / "cache")
     n_refs = sum(k for k, _ in JOBS) * len(objects["datamodule"].test_categories)
     assert plain_encoded == len(JOBS) * n_test + n_refs
     assert cached_encoded <= n_test + n_refs  # test images once; only references not seen before

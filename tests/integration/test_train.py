@@ -56,23 +56,15 @@ def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg):
         evaluate(make_cfg("evaluate", "method=aprilgan", f"ckpt_path={ckpt}"))
 
 
-def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, monkeypatch):
+def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, count_encodes):
     losses = {}
     for cached in (False, True):
         extra = ["module.feature_cache=memory"] if cached else []
         cfg = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=3", "test_after_fit=false", *extra)
         from vlmad.methods.anomalyclip import AnomalyCLIP
 
-        calls: list[int] = []
-        original = AnomalyCLIP.encode_images
-
-        def counting(self, x, calls=calls, original=original):
-            calls.append(len(x))
-            return original(self, x)
-
-        monkeypatch.setattr(AnomalyCLIP, "encode_images", counting)
+        calls = count_encodes(AnomalyCLIP)
         _, objects = train(cfg)
-        monkeypatch.setattr(AnomalyCLIP, "encode_images", original)
         n_fit = len(objects["datamodule"].fit_dataset())
         assert sum(calls) == (n_fit if cached else 3 * n_fit)  # cached: every image encoded exactly once
         losses[cached] = _learned(objects)

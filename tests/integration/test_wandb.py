@@ -77,16 +77,8 @@ def offline(monkeypatch, tmp_path):
     assert active_run() is None
 
 
-def _as_entry_point(cfg):
-    # an entry point's cfg has no hydra node (tests compose with it), whose sweep interpolations cannot resolve
-    # in build's log_hyperparams; HydraConfig keeps ${hydra:...} resolving without it
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 def _cfg(make_cfg, *overrides: str):
-    return _as_entry_point(make_cfg("evaluate", "method=winclip", "logger=wandb", *overrides))
+    return make_cfg("evaluate", "method=winclip", "logger=wandb", *overrides)
 
 
 def _run_dirs(tmp_path: Path) -> list[Path]:
