@@ -95,3 +95,31 @@ def assert_close(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol: float =
     bad = dev > atol + rtol * ref.abs()
     assert not bad.any(), f"{name}: max |Δ| {dev.max():.3g} exceeds atol {atol} + rtol {rtol}·|ref|"
     return float(dev.max())
+
+
+def shipped_defaults(method: str) -> dict:
+    """The ``method`` node of ``conf/method/<method>.yaml`` (what a user runs), without ``_target_``/``k_shot``.
+
+    Parity tests build from these and override only the fixture's own settings (sizes, layers, temperature)
+    and the documented reference switches, so a changed default cannot drift from the reference unnoticed.
+    """
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(HERE.parents[1] / "conf" / "method" / f"{method}.yaml")["method"])
+    node.pop("_target_")
+    node.pop("k_shot", None)
+    return node
+
+
+def assert_rank_identical(name: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """``ours`` equals a positive multiple of ``ref`` (a strictly monotone map: the same AUROC, AP and AUPRO).
+
+    Returns:
+        the scale c > 0 with ``c · ours ≈ ref`` (least squares), after ``assert_close(c · ours, ref)``.
+    """
+    ours64 = torch.as_tensor(ours).detach().to(torch.float64).cpu()
+    ref64 = torch.as_tensor(ref).to(torch.float64)
+    scale = float((ours64 * ref64).sum() / (ours64 * ours64).sum())
+    assert scale > 0, f"{name}: the default map is anti-correlated with the reference"
+    assert_close(name, ours64 * scale, ref64)
+    return scale

@@ -11,7 +11,16 @@ import re
 
 import pytest
 import torch
-from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted
+from reference import (
+    assert_close,
+    assert_rank_identical,
+    fixture_backbone,
+    fixture_files,
+    load_fixture,
+    meta,
+    omitted,
+    shipped_defaults,
+)
 
 from vlmad.backbones.dpam import dpam_forward
 from vlmad.methods.anomalyclip import AnomalyCLIP
@@ -53,23 +62,30 @@ def _backbone(path, ckpt_dir):
     return _BACKBONES[path]
 
 
-def _method(path, ckpt_dir, layers, **kwargs) -> AnomalyCLIP:
+# The only switch away from the shipped defaults: the reference sums the tapped layers' maps
+# (test_shipped_defaults_rank_identical proves the default mean rank-identical).
+REFERENCE = {"layer_reduce": "sum"}
+
+
+def _method(path, ckpt_dir, layers, reference: bool = True, **kwargs) -> AnomalyCLIP:
+    """The shipped defaults with the fixture's own settings (and the reference switch unless ``reference``)."""
     fx = _fixture(path)
     size = meta(fx, "image_size")
-    method = AnomalyCLIP(
-        _backbone(path, ckpt_dir),
-        feature_layers=layers,
-        dpam_start=min(meta(fx, "dpam_blocks_0based")),
-        n_ctx=meta(fx, "n_ctx"),
-        deep_prompt_depth=meta(fx, "deep_prompt_depth"),
-        deep_prompt_len=meta(fx, "deep_prompt_length"),
-        temperature=meta(fx, "temperature"),
-        lam=meta(fx, "lam"),
-        layer_reduce="sum",  # the reference sums the tapped layers' maps
-        smoothing_sigma=meta(fx, "sigma"),
-        smoothing_reference_size=size,  # sigma applies exactly at the fixture size
+    settings = {
+        **shipped_defaults("anomalyclip"),
+        "feature_layers": layers,
+        "dpam_start": min(meta(fx, "dpam_blocks_0based")),
+        "n_ctx": meta(fx, "n_ctx"),
+        "deep_prompt_depth": meta(fx, "deep_prompt_depth"),
+        "deep_prompt_len": meta(fx, "deep_prompt_length"),
+        "temperature": meta(fx, "temperature"),
+        "lam": meta(fx, "lam"),
+        "smoothing_sigma": meta(fx, "sigma"),
+        "smoothing_reference_size": size,  # sigma applies exactly at the fixture size
+        **(REFERENCE if reference else {}),
         **kwargs,
-    )
+    }
+    method = AnomalyCLIP(_backbone(path, ckpt_dir), **settings)
     with torch.no_grad():
         for name, param in zip(PROMPTS, (method.ctx_pos, method.ctx_neg, method.deep_prompts), strict=True):
             param.copy_(fx[f"prompts/{name}"].reshape(param.shape))
@@ -164,6 +180,21 @@ def test_inference(path, setting, layers, ckpt_dir):
         prediction = method(images, ["object"] * len(images))
     check("global/image_score", prediction.pred_score)
     check(f"{setting}/anomaly_map_smoothed", prediction.anomaly_map)
+
+
+@pytest.mark.parametrize(("path", "setting", "layers"), CASES)
+def test_shipped_defaults_rank_identical(path, setting, layers, ckpt_dir):
+    """The shipped default map is a positive multiple (1/n layers) of the reference's: same AUROC/AP/AUPRO."""
+    fx = _fixture(path)
+    method = _method(path, ckpt_dir, layers, reference=False)
+    with torch.no_grad():
+        method.prepare("object")
+        prediction = method(fx["inputs/images"], ["object"] * len(fx["inputs/images"]))
+    key = f"{setting}/anomaly_map_smoothed"
+    if key not in omitted(fx):
+        scale = assert_rank_identical(f"{key} (defaults)", prediction.anomaly_map, fx[key])
+        assert scale == pytest.approx(len(layers), rel=1e-5)
+    assert_close("global/image_score (defaults)", prediction.pred_score, fx["global/image_score"])
 
 
 def _train_step(fx: dict, method: AnomalyCLIP, check: Checker, prefix: str, grad_tol: tuple[float, float]) -> None:

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted
+from reference import (
+    assert_close,
+    assert_rank_identical,
+    fixture_backbone,
+    fixture_files,
+    load_fixture,
+    meta,
+    omitted,
+    shipped_defaults,
+)
 
 from vlmad.methods.aprilgan import AprilGAN
 
@@ -28,14 +37,23 @@ def backbone(fx, ckpt_dir):
     return fixture_backbone(fx, ckpt_dir, image_size=meta(fx, "image_size"))
 
 
-def build(fx: dict, backbone, k_shot: int = 0) -> AprilGAN:
+# The only switch away from the shipped defaults: the reference sums the stage maps (test_shipped_defaults
+# proves the default mean rank-identical).
+REFERENCE = {"stage_reduce": "sum"}
+
+
+def build(fx: dict, backbone, k_shot: int = 0, reference: bool = True) -> AprilGAN:
+    """The shipped defaults with the fixture's own settings (and the reference switch unless ``reference``)."""
     model = AprilGAN(
         backbone,
         k_shot=k_shot,
-        feature_layers=meta(fx, "features_blocks_0based"),
-        few_shot_layers=meta(fx, "few_shot_blocks_0based"),
-        temperature=1.0 / meta(fx, "logit_scale_fixed"),
-        stage_reduce="sum",
+        **{
+            **shipped_defaults("aprilgan"),
+            "feature_layers": meta(fx, "features_blocks_0based"),
+            "few_shot_layers": meta(fx, "few_shot_blocks_0based"),
+            "temperature": 1.0 / meta(fx, "logit_scale_fixed"),
+            **(REFERENCE if reference else {}),
+        },
     )
     state = {k.replace("linear/", ""): v for k, v in fx.items() if k.startswith("linear/")}
     missing, unexpected = model.load_state_dict(AprilGAN.convert_official_checkpoint(state), strict=False)
@@ -153,6 +171,26 @@ def test_training_step(fx, backbone):
         # After the first Adam step from zero state, entries with near-zero gradients can move either way.
         keep = ref.abs() > 1e-4 * scale
         check(fx, f"train/params_after_adam/{key}", params[key][keep], select=keep)
+
+
+def test_shipped_defaults_rank_identical(fx, backbone):
+    """The shipped default maps are a positive multiple of the reference's (same pixel AUROC/AP/AUPRO)."""
+    images, name = fx["inputs/images"], meta(fx, "obj_name")
+    names = [name] * images.shape[0]
+    n = len(meta(fx, "features_blocks_0based"))
+    model = build(fx, backbone, reference=False)
+    pred = model(images, names)
+    scale = assert_rank_identical("zeroshot/anomaly_map (defaults)", pred.anomaly_map, fx["zeroshot/anomaly_map"])
+    assert scale == pytest.approx(n, rel=1e-5)
+    check(fx, "global/image_score", pred.pred_score)  # the default zero-shot image score is the reference's
+    n_fs = len(meta(fx, "few_shot_blocks_0based"))
+    for k in meta(fx, "ks"):
+        model = build(fx, backbone, k_shot=k, reference=False)
+        model.prepare(name, fx["inputs/ref_images"][:k])
+        pred = model(images, names)
+        ref = fx[f"fewshot/k{k}/anomaly_map_total"]
+        scale = assert_rank_identical(f"fewshot/k{k}/anomaly_map_total (defaults)", pred.anomaly_map, ref)
+        assert scale == pytest.approx(n + 2 * n_fs, rel=1e-5)
 
 
 def test_report_deviations():

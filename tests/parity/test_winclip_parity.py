@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted
+from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted, shipped_defaults
 
 from vlmad.methods.winclip import WinCLIP
 
@@ -27,13 +27,18 @@ def case(request, ckpt_dir):
 
     assert backbone.grid_size == int(fx["settings.grid_size"][0])
     assert backbone.image_size == int(fx["settings.image_size"][0])
-    method = WinCLIP(
-        backbone,
-        scales=tuple(fx["settings.scales"].tolist()),
-        window_stride=int(fx["settings.window_stride"]),
-        temperature=float(fx["settings.temperature"]),
-    )
+    method = WinCLIP(backbone, **settings(fx))
     return fx, method, to_input(fx["inputs.images_u8"]), to_input, meta(fx, "class_name")
+
+
+def settings(fx: dict) -> dict:
+    """The shipped defaults (conf/method/winclip.yaml) with only the fixture's own settings replaced."""
+    return {
+        **shipped_defaults("winclip"),
+        "scales": tuple(fx["settings.scales"].tolist()),
+        "window_stride": int(fx["settings.window_stride"]),
+        "temperature": float(fx["settings.temperature"]),
+    }
 
 
 class Checker:
@@ -99,10 +104,7 @@ def test_few_shot_stages(case):
     fx, method0, images, to_input, name = case
     for k_shot in fx["settings.few_shot_ks"].tolist():
         pre = f"few_shot.k{k_shot}."
-        method = WinCLIP(
-            method0.backbone, k_shot=k_shot, scales=method0.scales, window_stride=method0.window_stride,
-            temperature=method0.temperature,
-        )  # fmt: skip
+        method = WinCLIP(method0.backbone, k_shot=k_shot, **settings(fx))
         method.text_cache = method0.text_cache  # text is per class name, not per reference draw
         method.prepare(name, to_input(fx["inputs.ref_images_u8"][fx[pre + "ref_indices"]]))
         memory = method.memory[name]
