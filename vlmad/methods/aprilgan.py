@@ -36,8 +36,8 @@ class AprilGAN(AnomalyMethod):
         prompts: prompt-set name in ``vlmad.prompts.PROMPT_SETS`` or a dict of state/template lists.
         temperature: logits = cos / temperature (reference: fixed 100, not CLIP's logit_scale).
         upsample_align_corners: bilinear upsampling of logits and few-shot grids (reference: True).
-        stage_reduce: ``sum`` = reference map (range [0, n], k-shot [0, n + 2 n_fs]); ``mean`` keeps
-            the map in [0, 1] (metrics in torchmetrics apply a sigmoid outside [0, 1]).
+        stage_reduce: ``sum`` = reference map (range [0, n], k-shot [0, n + 2 n_fs]); ``mean`` divides it by
+            that range, keeping the map in [0, 1] with the reference's exact ranking.
         smoothing_sigma: Gaussian smoothing of the map in pixels (reference: none).
         image_score: ``text`` = global CLIP text probability (zero-shot) and the reference's fused score in
             k-shot mode; ``map_max`` = max of the [0, 1] map; ``fusion`` = ½(text + map max) also zero-shot.
@@ -290,9 +290,10 @@ class AprilGAN(AnomalyMethod):
         unit_map, sum_map = zero_shot.mean(1), zero_shot.sum(1)  # (B, S, S)
         if self.k_shot:
             dist = self.few_shot_maps(self._few_shot_tokens(feats), class_names)  # (B, n_fs, S, S)
-            # Reference: Σ P_s + Σ d_s, range [0, n + 2 n_fs]. Mean form: d in [0, 2] -> /2, then average both parts.
-            unit_map = (unit_map + dist.sum(1) / (2 * dist.shape[1])) / 2
+            # Reference: Σ P_s + Σ d_s, range [0, n + 2 n_fs]. The [0, 1] map divides that sum by its range, a
+            # positive constant: the same ranking (AUROC, AP, AUPRO) as the reference's map.
             sum_map = sum_map + dist.sum(1)
+            unit_map = sum_map / (zero_shot.shape[1] + 2 * dist.shape[1])
         unit_map = gaussian_blur(unit_map, self.smoothing_sigma)
         amap = gaussian_blur(sum_map, self.smoothing_sigma) if self.stage_reduce == "sum" else unit_map
         text_score = self.text_probs(feats["global"], text_feats)[:, 1]  # (B,)
