@@ -7,9 +7,13 @@ Layer convention: every layer index in vlmad is a **0-based transformer block in
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import warnings
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +55,59 @@ class ImageFeatures:
     intermediates: dict[int, Tensor] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _drop_root_log(prefix: str) -> Iterator[None]:
+    """Drop root-logger records starting with ``prefix`` (open_clip logs through the root logger)."""
+    drop = logging.Filter()
+    drop.filter = lambda record: not record.getMessage().startswith(prefix)
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a whole weights file, computed once per (file, size, mtime) in 16 MiB chunks (~1-2 s per GB)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's ``*.pt`` files are TorchScript archives (a zip with ``constants.pkl``); torch.save zips have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint strictly into ``model``: an open_clip/torch file or an OpenAI TorchScript archive."""
+    try:
+        if _is_torchscript(path):
+            # open_clip's load_checkpoint cannot read TorchScript; OpenAI's archive holds the open_clip key layout
+            # plus three int metadata entries (open_clip's build_model_from_openai_state_dict drops the same ones).
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(key, None)
+            model.load_state_dict(state, strict=True)  # fp16 archive values are copied into the fp32 model
+        else:
+            open_clip.load_checkpoint(model, str(path), strict=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        raise RuntimeError(f"could not load weights file {path}: {str(err).strip().splitlines()[0]}") from err
+    n_tensors = len(model.state_dict())
+    log.info("loaded weights from %s (sha256 %s, %d tensors)", path, weights_sha256(path)[:12], n_tensors)
+
+
 def _load_model(model_name: str, pretrained: str | None, force_quick_gelu: bool, cache_dir: str | None) -> nn.Module:
     if pretrained is None:
         warnings.warn(
@@ -60,8 +117,9 @@ def _load_model(model_name: str, pretrained: str | None, force_quick_gelu: bool,
         )
         return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
     if Path(pretrained).expanduser().is_file():
-        model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
-        open_clip.load_checkpoint(model, str(Path(pretrained).expanduser()), strict=True)
+        with _drop_root_log("No pretrained weights loaded"):  # open_clip's notice is wrong: the file comes next
+            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
+        _load_weights_file(model, Path(pretrained).expanduser())
         return model
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
@@ -89,8 +147,9 @@ def resize_positional_embedding(visual: nn.Module, image_size: int, mode: str = 
     Args:
         visual: open_clip ``VisionTransformer``; modified in place (a fresh parameter).
         image_size: new input side in pixels (a multiple of the patch size).
-        mode: ``bicubic`` = open_clip's ``resize_pos_embed`` (antialiased; APRIL-GAN loads this way) or
-            ``bilinear`` = AnomalyCLIP's in-forward resize (no antialias), both with align_corners=False.
+        mode: ``bicubic`` = open_clip's ``resize_pos_embed`` (antialiased; APRIL-GAN loads this way),
+            ``bilinear`` = AnomalyCLIP's in-forward resize (no antialias) or ``bicubic_no_antialias`` = MuSc's
+            vendored ``resize_pos_embed`` (its ``antialias`` argument is never passed on), all align_corners=False.
     """
     patch = visual.patch_size[0]
     if image_size % patch:
@@ -101,7 +160,8 @@ def resize_positional_embedding(visual: nn.Module, image_size: int, mode: str = 
     if grid != old:
         table = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, W, g, g)
         antialias = mode == "bicubic"
-        table = F.interpolate(table, size=(grid, grid), mode=mode, antialias=antialias, align_corners=False)
+        interp = "bicubic" if mode == "bicubic_no_antialias" else mode
+        table = F.interpolate(table, size=(grid, grid), mode=interp, antialias=antialias, align_corners=False)
         table = table.permute(0, 2, 3, 1).reshape(grid * grid, -1)
         visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], table]), requires_grad=False)
     visual.image_size = (image_size, image_size)
@@ -116,7 +176,8 @@ class ClipBackbone(nn.Module):
             ``vlmad-tiny`` (shipped random-weights test model).
         pretrained: open_clip tag (``openai``, ``laion400m_e31``), a local checkpoint path, or None (random).
         image_size: input side the methods run at; the position table is resized once here if needed.
-        pos_embed_interpolation: ``bicubic`` (open_clip) or ``bilinear`` (AnomalyCLIP reference).
+        pos_embed_interpolation: ``bicubic`` (open_clip), ``bilinear`` (AnomalyCLIP reference) or
+            ``bicubic_no_antialias`` (MuSc reference).
         model_config: optional path to an open_clip model config JSON registered before building.
         force_quick_gelu: build with QuickGELU (needed for OpenAI weights under a non ``-quickgelu`` name).
         cache_dir: open_clip download cache.
@@ -137,7 +198,12 @@ class ClipBackbone(nn.Module):
             register_model_config(model_config)
         self.model_name = model_name
         self.pretrained = pretrained
+        self.force_quick_gelu = bool(force_quick_gelu)
+        self.pos_embed_interpolation = pos_embed_interpolation
         model = _load_model(model_name, pretrained, force_quick_gelu, cache_dir)
+        local = Path(pretrained).expanduser() if pretrained else None
+        # content hash of a local weights file, taken at load (cached: the load already hashed it for its log line)
+        self.weights_sha256 = weights_sha256(local) if local is not None and local.is_file() else None
         visual = model.visual
         if not getattr(visual.transformer, "batch_first", False):
             # open_clip >= 2.26 is batch-first; an old sequence-first build would silently break window scoring.
@@ -199,19 +265,25 @@ class ClipBackbone(nn.Module):
         return self.visual.proj.device
 
     def signature(self) -> str:
-        """Hash identifying the frozen function: architecture, weights (tag, file stamp, or random values), size."""
+        """Hash of every setting that changes the features.
+
+        Architecture (name, the registered open_clip config, QuickGELU), weights (tag, file content hash, or
+        sampled random values), input size and position-table interpolation. ``cache_dir`` is left out: it only
+        says where a tag's (identical) weights are stored.
+        """
         if getattr(self, "_signature", None) is None:
             source = self.pretrained
-            if source and Path(source).expanduser().is_file():
-                stat = Path(source).expanduser().stat()
-                source = f"{Path(source).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            if self.weights_sha256 is not None:
+                source = f"sha256:{self.weights_sha256}"
             elif not source:  # random weights: only equal within one seeded build, so fingerprint the values
                 digest = hashlib.sha1()
                 for p in self.model.parameters():  # a strided sample per tensor: ms, not a pass over GBs
                     flat = p.detach().flatten()
                     digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
                 source = "random:" + digest.hexdigest()
-            parts = [self.model_name, source, self.image_size, self.visual.positional_embedding.shape]
+            architecture = open_clip.get_model_config(self.model_name)  # a re-registered JSON may change it
+            parts = [self.model_name, architecture, self.force_quick_gelu, source, self.image_size,
+                     self.visual.positional_embedding.shape, self.pos_embed_interpolation]  # fmt: skip
             self._signature = hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
         return self._signature
 

@@ -29,9 +29,13 @@ class AnomalyMethod(nn.Module):
     Subclasses set ``trainable`` when they have learned parameters (``loss`` then returns a dict with a
     ``loss`` entry) and ``k_shot`` > 0 when ``prepare`` needs reference images. Learned parameters are
     everything in ``state_dict()`` outside ``backbone.*``; checkpoints never hold the backbone.
+
+    ``transductive`` methods score a category only once all its test images are seen: the caller feeds every
+    batch to :meth:`accumulate` after ``prepare`` and calls :meth:`score_accumulated` at the category's end.
     """
 
     trainable: bool = False
+    transductive: bool = False
 
     def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
         super().__init__()
@@ -68,6 +72,14 @@ class AnomalyMethod(nn.Module):
     def forward(self, images: Tensor, class_names: list[str]) -> Prediction:
         """Score a batch of (B, 3, S, S) CLIP-normalised images of the given classes."""
         raise NotImplementedError
+
+    def accumulate(self, images: Tensor, class_names: list[str] | None = None) -> None:
+        """Store what the category-level score needs for (B, 3, S, S) images, in order (transductive methods)."""
+        raise NotImplementedError(f"{type(self).__name__} is not transductive: call forward per batch")
+
+    def score_accumulated(self) -> Prediction:
+        """Score every image accumulated since ``prepare``: (N,) scores, (N, S, S) maps in order; then clear."""
+        raise NotImplementedError(f"{type(self).__name__} is not transductive: call forward per batch")
 
     def loss(self, batch: dict) -> dict[str, Tensor]:
         """Training losses for a batch dict (``image``, ``mask``, ``label``, ...)."""
