@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def fresh_dir(path: str) -> str:
+    """``path``, or ``path-1``, ``path-2``, ...: the first that did not exist, created now.
+
+    ``mkdir`` without ``exist_ok`` is atomic, so two runs started in the same second can never share (and
+    overwrite) a run folder. Registered as the ``fresh_dir`` resolver with ``use_cache``: a config resolves it
+    once, and Hydra copies that cache into every job of a sweep.
+    """
+    base = Path(path)
+    for i in range(100_000):
+        candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder next to {base}")
+
+
+OmegaConf.register_new_resolver("fresh_dir", fresh_dir, use_cache=True, replace=True)
 
 
 def compose(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:

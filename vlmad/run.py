@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+import vlmad.config  # noqa: F401  (registers the fresh_dir resolver that conf/hydra uses)
 from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.metrics.table import format_table, write_csv
 from vlmad.module import load_method_weights
