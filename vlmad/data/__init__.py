@@ -1,28 +1,45 @@
-"""Dataset readers, preprocessing and the DataModule."""
+"""Dataset readers, preprocessing and the DataModule.
 
-from vlmad.data.datamodule import AnomalyDataModule
-from vlmad.data.dataset import AnomalyDataset, load_image, load_mask
-from vlmad.data.folder import Folder
-from vlmad.data.mvtec import MVTec
-from vlmad.data.records import DataError, Reader, Record
-from vlmad.data.synthetic import MVTEC_CATEGORIES, VISA_CATEGORIES, Synthetic, generate
-from vlmad.data.transforms import Preprocess
-from vlmad.data.visa import VisA
+Names are imported lazily (PEP 562), so torch-free submodules such as ``vlmad.data.imageio`` and
+``vlmad.data.records`` can be used without importing torch or Lightning.
+"""
 
-__all__ = [
-    "MVTEC_CATEGORIES",
-    "VISA_CATEGORIES",
-    "AnomalyDataModule",
-    "AnomalyDataset",
-    "DataError",
-    "Folder",
-    "MVTec",
-    "Preprocess",
-    "Reader",
-    "Record",
-    "Synthetic",
-    "VisA",
-    "generate",
-    "load_image",
-    "load_mask",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AnomalyDataModule": "datamodule",
+    "AnomalyDataset": "dataset",
+    "load_image": "dataset",
+    "load_mask": "dataset",
+    "Folder": "folder",
+    "ImageReadError": "imageio",
+    "open_rgb": "imageio",
+    "to_rgb": "imageio",
+    "MVTec": "mvtec",
+    "DataError": "records",
+    "Reader": "records",
+    "Record": "records",
+    "MVTEC_CATEGORIES": "synthetic",
+    "VISA_CATEGORIES": "synthetic",
+    "Synthetic": "synthetic",
+    "generate": "synthetic",
+    "Preprocess": "transforms",
+    "VisA": "visa",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vlmad.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vlmad.data.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

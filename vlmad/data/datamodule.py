@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from vlmad.data.dataset import AnomalyDataset
-from vlmad.data.records import DataError, Reader
+from vlmad.data.records import DataError, Reader, Record
 from vlmad.data.transforms import Preprocess
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -107,22 +107,28 @@ class AnomalyDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    @staticmethod
+    def _dataset(reader: Reader, records: list[Record], transform: Preprocess) -> AnomalyDataset:
+        """Records of ``reader`` as a dataset reading masks the reader's way (threshold, class ids)."""
+        return AnomalyDataset(
+            records,
+            transform,
+            mask_threshold=reader.mask_threshold,
+            class_id_masks=reader.mask_class_ids,
+            class_names={c: reader.prompt_name(c) for c in {r.category for r in records}},
+        )
+
     def test_dataset(self, category: str) -> AnomalyDataset:
         """The test split of one ``test_set`` category."""
-        names = {category: self.test_set.prompt_name(category)}
-        return AnomalyDataset(self.test_set.records(category, "test"), self.transform, class_names=names)
+        return self._dataset(self.test_set, self.test_set.records(category, "test"), self.transform)
 
     def fit_dataset(self) -> ConcatDataset:
         """All ``fit_set`` categories' ``fit_split`` splits, concatenated."""
         if self.fit_set is None:
             raise DataError("no fit_set configured: this DataModule has nothing to fit on")
+        fit_set = self.fit_set
         datasets = [
-            AnomalyDataset(
-                self.fit_set.records(c, self.fit_split),
-                self.fit_transform,
-                class_names={c: self.fit_set.prompt_name(c)},
-            )
-            for c in self.fit_set.categories
+            self._dataset(fit_set, fit_set.records(c, self.fit_split), self.fit_transform) for c in fit_set.categories
         ]
         return ConcatDataset(datasets)
 
@@ -156,7 +162,7 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         generator = torch.Generator().manual_seed(zlib.crc32(category.encode()) + seed)
         chosen = [normal[i] for i in torch.randperm(len(normal), generator=generator)[:k].tolist()]
-        dataset = AnomalyDataset(chosen, self.transform)
+        dataset = self._dataset(self.test_set, chosen, self.transform)
         s = self.transform.image_size
         images = torch.stack([dataset[i]["image"] for i in range(k)]) if k else torch.empty(0, 3, s, s)
         return images, [str(r.image) for r in chosen]

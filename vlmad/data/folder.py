@@ -10,6 +10,7 @@ from vlmad.data.records import (
     DataError,
     Reader,
     Record,
+    check_threshold,
     existing_root,
     parse_label,
     read_csv,
@@ -33,6 +34,8 @@ class Folder(Reader):
         categories: subset to use; default: all found.
         class_names: prompt names per category; identity by default.
         manifest: manifest CSV path relative to ``root`` (or absolute); None reads the tree.
+        mask_threshold: binarise masks with ``>= threshold`` (8-bit scale) instead of requiring binary masks
+            (for JPEG or anti-aliased masks).
     """
 
     name = "folder"
@@ -43,8 +46,10 @@ class Folder(Reader):
         categories: list[str] | None = None,
         class_names: dict[str, str] | None = None,
         manifest: str | None = None,
+        mask_threshold: int | None = None,
     ) -> None:
         self.root = existing_root(root)
+        self.mask_threshold = check_threshold(mask_threshold)
         self.class_names = dict(class_names or {})
         self._rows: list[dict[str, str]] | None = None
         if manifest is None:

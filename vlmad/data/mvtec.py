@@ -9,6 +9,7 @@ from vlmad.data.records import (
     DataError,
     Reader,
     Record,
+    check_threshold,
     existing_root,
     select_categories,
 )
@@ -85,6 +86,7 @@ class MVTec(Reader):
         root: dataset root.
         categories: subset to use; default: sorted subfolders holding ``train`` or ``test``.
         class_names: prompt names per category (e.g. ``{"metal_nut": "metal nut"}``); identity by default.
+        mask_threshold: binarise masks with ``>= threshold`` (8-bit scale) instead of requiring 0/255.
     """
 
     name = "mvtec"
@@ -94,8 +96,10 @@ class MVTec(Reader):
         root: str | Path,
         categories: list[str] | None = None,
         class_names: dict[str, str] | None = None,
+        mask_threshold: int | None = None,
     ) -> None:
         self.root = existing_root(root)
+        self.mask_threshold = check_threshold(mask_threshold)
         self.categories = select_categories(tree_categories(self.root), categories, self.root)
         self.class_names = dict(class_names or {})
 

@@ -34,12 +34,18 @@ class Record:
 
 
 class Reader:
-    """Common part of the dataset readers: category selection, prompt names, split checks."""
+    """Common part of the dataset readers: category selection, prompt names, split checks.
+
+    ``mask_threshold`` (None: masks must be binary) and ``mask_class_ids`` (VisA's multi-valued
+    class-id masks are valid) tell the datasets how to read this reader's masks (see ``load_mask``).
+    """
 
     name: str = "reader"
     root: Path
     categories: list[str]
     class_names: dict[str, str]
+    mask_threshold: int | None = None
+    mask_class_ids: bool = False
 
     def records(self, category: str, split: str) -> list[Record]:
         """Index one category's split ("train" or "test")."""
@@ -57,6 +63,15 @@ class Reader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, categories={self.categories})"
+
+
+def check_threshold(threshold: int | None) -> int | None:
+    """Validate a ``mask_threshold`` setting (None or an int in 1..255)."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= 255:
+        raise DataError(f"mask_threshold must be null or an integer in 1..255 (8-bit scale), got {threshold!r}")
+    return threshold
 
 
 def existing_root(root: str | Path) -> Path:

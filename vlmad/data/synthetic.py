@@ -297,6 +297,7 @@ class Synthetic(Reader):
         self.root = self._reader.root
         self.categories = self._reader.categories
         self.class_names = {c: _base_name(c).replace("_", " ") for c in categories} | dict(class_names or {})
+        self.mask_class_ids = self._reader.mask_class_ids
 
     def records(self, category: str, split: str) -> list[Record]:
         """Index one category's split (delegates to the underlying reader)."""

@@ -9,6 +9,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vlmad.data.imageio import open_rgb, to_rgb
+
+__all__ = ["MASK_RESIZE", "RESIZE_MODES", "Preprocess", "open_rgb", "to_rgb"]
+
 MASK_RESIZE = {"bilinear_threshold": Image.BILINEAR, "nearest": Image.NEAREST}
 RESIZE_MODES = ("squash", "shorter_side_crop")
 
@@ -57,13 +61,13 @@ class Preprocess:
         """Preprocess one sample.
 
         Args:
-            image: PIL image, any size (converted to RGB if needed).
+            image: PIL image, any size and mode (converted to 8-bit RGB by ``to_rgb``).
             mask: (H, W) bool or 0/1 uint8, or None for an all-zero mask.
 
         Returns:
             image (3, S, S) float32 normalised; mask (S, S) float32 in {0, 1}.
         """
-        image = image.convert("RGB") if image.mode != "RGB" else image
+        image = to_rgb(image)  # 16-bit, float, alpha, palette, CMYK: see vlmad.data.imageio
         mask_u8 = np.zeros((image.height, image.width), np.uint8) if mask is None else (mask != 0).astype(np.uint8)
         if mask_u8.shape != (image.height, image.width):
             raise ValueError(f"mask shape {mask_u8.shape} != image size {(image.height, image.width)}")

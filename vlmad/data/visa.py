@@ -8,6 +8,7 @@ from vlmad.data.records import (
     DataError,
     Reader,
     Record,
+    check_threshold,
     existing_root,
     parse_label,
     read_csv,
@@ -29,9 +30,11 @@ class VisA(Reader):
         categories: subset of objects; default: all objects in the CSV, sorted.
         class_names: prompt names per object; identity by default.
         split_csv: protocol file, relative to ``root``.
+        mask_threshold: binarise masks with ``>= threshold`` (8-bit scale) instead of reading class ids.
     """
 
     name = "visa"
+    mask_class_ids = True
 
     def __init__(
         self,
@@ -39,8 +42,10 @@ class VisA(Reader):
         categories: list[str] | None = None,
         class_names: dict[str, str] | None = None,
         split_csv: str = "split_csv/1cls.csv",
+        mask_threshold: int | None = None,
     ) -> None:
         self.root = existing_root(root)
+        self.mask_threshold = check_threshold(mask_threshold)
         self.csv_path = self.root / split_csv
         self._rows = read_csv(self.csv_path, VISA_COLUMNS)
         self.categories = select_categories(sorted({r["object"] for r in self._rows}), categories, self.csv_path)

@@ -1,0 +1,111 @@
+"""Torch-free image reading: any PIL mode to 8-bit RGB (numpy + PIL only, shared with the deploy runtime).
+
+Scaling rules (one per kind of pixel data, the same for every image of a data set):
+
+- 8-bit modes (``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``YCbCr``, ``HSV``, ``LAB``): PIL's
+  ``convert("RGB")``.
+- Alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, palette transparency): **dropped**; the colour is
+  kept as stored, which is what PIL's ``convert("RGB")`` does for RGBA and what the reference
+  implementations get from it. Premultiplied modes (``La``, ``RGBa``) are un-premultiplied first.
+- 16-bit gray (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``): full range, ``round(v / 257)``, so 0..65535
+  maps to 0..255 and a 16-bit save of an 8-bit picture (``v * 257``) reads back exactly. PIL's own
+  ``convert`` clips at 255 instead, which turns a 16-bit PNG all white.
+- 32-bit int (``I``): taken as 16-bit data (Pillow stores 16-bit PNG/TIFF/PGM data as ``I`` after
+  ``convert("I")`` and in older versions), the same ``round(v / 257)``; values outside 0..65535 have
+  no standard scaling and raise.
+- 32-bit float (``F``): the range is decided by the image maximum: max <= 1 -> [0, 1] (``v * 255``);
+  max <= 255 -> 0..255; max <= 65535 -> 0..65535 (``v / 257``); all rounded. Negative, non-finite or
+  larger values raise (such data was normalised elsewhere and no rule would restore the picture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vlmad.data.records import DataError
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+
+
+class ImageReadError(DataError):
+    """An image that cannot be read or has no defined 8-bit rendering (message names the problem)."""
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    """(H, W) uint8 -> RGB image."""
+    return Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8)).convert("RGB")
+
+
+def scale_int(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit range (0..65535) -> uint8 by ``round(v / 257)``; (H, W) any int dtype -> (H, W) uint8."""
+    values = values.astype(np.int64)
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise ImageReadError(f"mode {mode} image has values {low}..{high}, outside the 16-bit range 0..65535")
+    # (v + 128) // 257 == round(v / 257) for 0 <= v <= 65535 (no exact .5 cases since 257 is odd).
+    return ((values + 128) // 257).astype(np.uint8)
+
+
+def scale_float(values: np.ndarray) -> np.ndarray:
+    """Float image -> uint8 by the range rule in the module docstring; (H, W) -> (H, W) uint8."""
+    if not np.isfinite(values).all():
+        raise ImageReadError("mode F image has non-finite values (NaN or inf)")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 65535:
+        raise ImageReadError(f"mode F image has values {low:.4g}..{high:.4g}: no rule maps them to 0..255")
+    scale = 255.0 if high <= 1.0 else 1.0 if high <= 255.0 else 1.0 / 257.0
+    return np.clip(np.rint(values.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to 8-bit RGB (rules in the module docstring).
+
+    Args:
+        image: PIL image, any mode.
+
+    Returns:
+        RGB image of the same size (H, W).
+
+    Raises:
+        ImageReadError: values with no defined 8-bit rendering, or a mode PIL cannot convert.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        return _gray_to_rgb(scale_int(np.asarray(image), mode))
+    if mode == "F":
+        return _gray_to_rgb(scale_float(np.asarray(image, dtype=np.float32)))
+    if mode in PREMULTIPLIED:
+        image = image.convert(PREMULTIPLIED[mode])
+    try:
+        # P with a transparency key, PA, LA, RGBA: convert("RGB") drops alpha and keeps the stored colour.
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ImageReadError(f"cannot convert mode {mode} to RGB: {err}") from err
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Read an image file as 8-bit RGB (first frame of multi-frame files).
+
+    Args:
+        path: image file.
+
+    Returns:
+        RGB image, fully decoded (the file is closed).
+
+    Raises:
+        ImageReadError: unreadable file or unconvertible pixel data; the message names ``path``.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except ImageReadError as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
