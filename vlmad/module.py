@@ -69,6 +69,7 @@ class AnomalyModule(L.LightningModule):
         self.results: dict[str, dict[str, float]] = {}
         self._category: str | None = None
         self._overlays_done = 0
+        self._pending: list[dict] = []  # transductive methods: the open category's labels/masks until it is scored
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> Any:
@@ -101,7 +102,7 @@ class AnomalyModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         """Start with no category open."""
-        self.results, self._category = {}, None
+        self.results, self._category, self._pending = {}, None, []
         self.metrics.reset()
 
     def _open_category(self, category: str) -> None:
@@ -117,6 +118,7 @@ class AnomalyModule(L.LightningModule):
         self.method.prepare(dm.prompt_name(category), references)
 
     def _close_category(self) -> None:
+        self._score_transductive()
         self.results[self._category] = self.metrics.compute()
         self.metrics.reset()
 
@@ -125,10 +127,46 @@ class AnomalyModule(L.LightningModule):
         category = self._datamodule.test_categories[dataloader_idx]
         if category != self._category:
             self._open_category(category)
+        if self.method.transductive:
+            self._accumulate(batch)
+            return
         pred: Prediction = self.method(batch["image"], list(batch["class_name"]))
         anomaly_map, mask = self._eval_resolution(pred.anomaly_map, batch["mask"])
         self.metrics.update(pred.pred_score, batch["label"], anomaly_map, mask, batch["has_mask"])
         self._save_overlays(batch, pred)
+
+    # ------------------------------------------------------------------ transductive (category-level) scoring
+    def _accumulate(self, batch: dict) -> None:
+        """Hand the batch to the method; keep only what the metrics and overlays need once the category is scored."""
+        self.method.accumulate(batch["image"], list(batch["class_name"]))
+        kept = sum(len(p["image"]) for p in self._pending)
+        need = max(0, self.num_overlays - kept) if self.output_dir is not None else 0
+        self._pending.append({
+            "label": batch["label"].cpu(), "mask": batch["mask"].cpu() != 0, "has_mask": batch["has_mask"].cpu(),
+            "path": list(batch["path"]), "defect_type": list(batch["defect_type"]),
+            "image": batch["image"][:need].cpu(),  # overlays only
+        })  # fmt: skip
+
+    def _score_transductive(self) -> None:
+        """Score the open category's accumulated images as one set, then update metrics and save overlays."""
+        pending, self._pending = self._pending, []
+        if not self.method.transductive or not pending:
+            return
+        try:
+            pred = self.method.score_accumulated()  # (N,) scores, (N, S, S) maps in accumulation order
+        except ValueError as err:  # e.g. a set too small to score: name the dataset's category, not the prompt
+            raise ValueError(f"test category {self._category!r}: {err}") from err
+        start = 0
+        for part in pending:
+            stop = start + len(part["label"])
+            score, amap = pred.pred_score[start:stop], pred.anomaly_map[start:stop]
+            anomaly_map, mask = self._eval_resolution(amap, part["mask"].to(amap.device))
+            self.metrics.update(score, part["label"], anomaly_map, mask, part["has_mask"])
+            if len(part["image"]):
+                self._save_overlays(part, Prediction(score, amap))
+            start = stop
+        if start != pred.pred_score.shape[0]:
+            raise RuntimeError(f"{type(self.method).__name__} scored {pred.pred_score.shape[0]} images, got {start}")
 
     def on_test_epoch_end(self) -> None:
         """Close the last category and log ``test/<category>/<metric>`` plus the means."""

@@ -220,7 +220,7 @@ class MuSc(AnomalyMethod):
         lo, hi = interval(n - 1, *self.msm_interval)
         if hi <= lo:
             raise ValueError(
-                f"MuSc: category {self._name!r} has {n} test images; mutual scoring averages the sorted other-image "
+                f"MuSc: {self._name!r} has {n} test images; mutual scoring averages the sorted other-image "
                 f"distances at positions [{lo}, {hi}) (msm_interval {list(self.msm_interval)}), which needs at "
                 f"least {min_set_size(*self.msm_interval)} images (the reference silently returns NaN)"
             )
