@@ -73,7 +73,9 @@ def active_run() -> Any:
     return getattr(wandb, "run", None) if wandb is not None else None
 
 
-def log_test_report(output_dir: str | os.PathLike, title: str, images_per_category: int = 4) -> None:
+def log_test_report(
+    output_dir: str | os.PathLike, title: str, images_per_category: int = 4, protocol: str | None = None
+) -> None:
     """Log ``metrics.csv`` as a ``wandb.Table`` and the saved heatmap overlays as images to the active run.
 
     A no-op without an active run. Logged keys: ``test/metrics_table`` (one row per category, ``mean`` last, as in
@@ -84,6 +86,7 @@ def log_test_report(output_dir: str | os.PathLike, title: str, images_per_catego
         output_dir: the run directory holding ``metrics.csv`` and ``heatmaps/``.
         title: the report's title line, stored in the run summary as ``test/title``.
         images_per_category: overlays logged per category.
+        protocol: evaluation-protocol label (transductive methods), stored as ``test/protocol`` and tagged.
     """
     run = active_run()
     if run is None:
@@ -105,6 +108,9 @@ def log_test_report(output_dir: str | os.PathLike, title: str, images_per_catego
             ]
     run.log(payload)
     run.summary["test/title"] = title
+    if protocol:
+        run.summary["test/protocol"] = protocol
+        run.tags = (*(run.tags or ()), protocol.split(" (")[0].replace(" ", "-"))  # "transductive-zero-shot"
 
 
 def _failing_through(frame: FrameType | None) -> bool:

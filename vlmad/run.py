@@ -78,17 +78,27 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", results)
-    write_run_json(out, run_info(cfg, status="done"))  # provenance for vlmad.report (sweeps, comparisons)
+    protocol = _protocol(cfg)
+    # provenance for vlmad.report (sweeps, comparisons); transductive results carry their protocol everywhere
+    write_run_json(out, {**run_info(cfg, status="done"), "protocol": protocol})
     print(format_table(results, title=title), flush=True)
     log.info("metrics written to %s", out / "metrics.csv")
-    log_test_report(out, title)  # per-category table and heatmaps to the active W&B run, if any
+    log_test_report(out, title, protocol=protocol)  # per-category table and heatmaps to the active W&B run, if any
+
+
+def _protocol(cfg: DictConfig) -> str | None:
+    """The method's protocol label (e.g. MuSc's transductive zero-shot), None for per-image methods."""
+    from hydra.utils import get_class
+
+    return get_class(cfg.method._target_).protocol_of(cfg.method)
 
 
 def _title(cfg: DictConfig, data_key: str) -> str:
     k = cfg.method.get("k_shot", 0)
     weights = cfg.backbone.pretrained or "RANDOM WEIGHTS (pipeline check, not method quality)"
     return (f"{cfg.method._target_.rsplit('.', 1)[-1]} k_shot={k} on {cfg[data_key]._target_.rsplit('.', 1)[-1]} "
-            f"| {cfg.backbone.model_name} [{weights}] | {cfg.backbone.image_size}px")  # fmt: skip
+            f"| {cfg.backbone.model_name} [{weights}] | {cfg.backbone.image_size}px"
+            + (f" | {_protocol(cfg)}" if _protocol(cfg) else ""))  # fmt: skip
 
 
 def _finish_loggers(objects: dict[str, Any]) -> None:

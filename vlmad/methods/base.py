@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -80,6 +82,14 @@ class AnomalyMethod(nn.Module):
     def score_accumulated(self) -> Prediction:
         """Score every image accumulated since ``prepare``: (N,) scores, (N, S, S) maps in order; then clear."""
         raise NotImplementedError(f"{type(self).__name__} is not transductive: call forward per batch")
+
+    @classmethod
+    def protocol_of(cls, settings: Mapping[str, Any]) -> str | None:
+        """Protocol label every result of this method with ``settings`` (its config node) must carry.
+
+        None for per-image methods; methods whose scores depend on the other test images return their label.
+        """
+        return None
 
     def loss(self, batch: dict) -> dict[str, Tensor]:
         """Training losses for a batch dict (``image``, ``mask``, ``label``, ...)."""

@@ -116,6 +116,11 @@ class MuSc(AnomalyMethod):
 
     transductive = True
 
+    @classmethod
+    def protocol_of(cls, settings: Mapping) -> str:
+        """Always transductive (see :data:`PROTOCOL`)."""
+        return PROTOCOL
+
     def __init__(
         self,
         backbone: ClipBackbone,
