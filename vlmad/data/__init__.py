@@ -28,6 +28,8 @@ _EXPORTS = {
     "generate": "synthetic",
     "Preprocess": "transforms",
     "VisA": "visa",
+    "DataWarning": "validate",
+    "validate_data": "validate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,6 +13,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from vlmad.data.dataset import AnomalyDataset
 from vlmad.data.records import DataError, Reader, Record
 from vlmad.data.transforms import Preprocess
+from vlmad.data.validate import validate_data
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,6 +107,17 @@ class AnomalyDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def validate(self, k_shot: int = 0) -> None:
+        """Check all data of this run up front (cheap header reads, no backbone); see ``validate_data``.
+
+        Args:
+            k_shot: few-shot reference images the method draws per test category (0 for zero-shot).
+
+        Raises:
+            DataError: one error listing every problem found (file and problem per line).
+        """
+        validate_data(self.test_set, k_shot, self.fit_set, self.fit_split)
 
     @staticmethod
     def _dataset(reader: Reader, records: list[Record], transform: Preprocess) -> AnomalyDataset:

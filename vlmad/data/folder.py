@@ -13,6 +13,7 @@ from vlmad.data.records import (
     check_threshold,
     existing_root,
     parse_label,
+    problems_error,
     read_csv,
     select_categories,
 )
@@ -71,7 +72,7 @@ class Folder(Reader):
     def _manifest_records(self, category: str, split: str) -> list[Record]:
         assert self.manifest_path is not None and self._rows is not None
         base = self.manifest_path.parent
-        records = []
+        records, problems = [], []
         for line, row in enumerate(self._rows, start=2):
             if row["category"] != category or row["split"] != split:
                 continue
@@ -79,11 +80,11 @@ class Folder(Reader):
             label = parse_label(row["label"], where)
             image = base / row["image"]
             mask = base / row["mask"] if row.get("mask") else None
-            for path in (image, mask):
-                if path is not None and not path.is_file():
-                    raise DataError(f"{where}: file not found: {path}")
+            problems += [f"{where}: file not found: {p}" for p in (image, mask) if p is not None and not p.is_file()]
             defect = row.get("defect_type") or ("anomaly" if label else "good")
             records.append(Record(image, mask, label, category, defect))
+        if problems:
+            raise problems_error(f"{len(problems)} problems in {self.manifest_path} ({category}, {split}):", problems)
         if not records:
             raise DataError(f"no images in {self.manifest_path} for category {category!r}, split {split!r}")
         return records

@@ -1,4 +1,6 @@
-"""Torch-free image reading: any PIL mode to 8-bit RGB (numpy + PIL only, shared with the deploy runtime).
+"""Torch-free image and mask reading: any PIL mode to 8-bit RGB, strict mask binarisation (numpy + PIL only).
+
+Shared with the torch-free deploy runtime.
 
 Scaling rules (one per kind of pixel data, the same for every image of a data set):
 
@@ -28,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from vlmad.data.records import DataError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Largest value accepted as a class id in a multi-valued mask (VisA); soft or lossy 0/255 masks exceed it.
+CLASS_ID_MAX = 127
 PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
 
 
@@ -109,3 +113,68 @@ def open_rgb(path: str | Path) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def mask_problem(values: np.ndarray, class_ids: bool = False) -> str | None:
+    """Why a mask's distinct values are not a binary (or class-id) mask, or None if they are.
+
+    Args:
+        values: sorted distinct values of the mask, e.g. ``np.unique(mask)``.
+        class_ids: accept several non-zero values up to ``CLASS_ID_MAX`` (VisA masks hold class ids).
+    """
+    foreground = values[values != 0]
+    if foreground.size <= 1 or (class_ids and foreground.max() <= CLASS_ID_MAX and foreground.min() > 0):
+        return None
+    shown = ", ".join(f"{v:g}" for v in foreground[:6].tolist()) + (", ..." if foreground.size > 6 else "")
+    expected = "0 and one value (0/255 or 0/1)" + (f" or class ids 1..{CLASS_ID_MAX}" if class_ids else "")
+    return (
+        f"not a binary mask: {foreground.size} non-zero values ({shown}), expected {expected}; "
+        "set the data set's mask_threshold (e.g. 128) to binarise a soft or lossy mask"
+    )
+
+
+def read_mask_values(path: Path) -> tuple[np.ndarray, str]:
+    """Raw mask pixels (H, W) (colour channels merged by max, alpha dropped) and PIL mode; DataError if unreadable."""
+    try:
+        with Image.open(path) as img:
+            mode, arr = img.mode, np.array(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot read mask {path}: {err}") from err
+    if arr.ndim == 3:
+        arr = (arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]).max(-1)
+    return arr, mode
+
+
+def load_mask(path: Path, threshold: int | None = None, class_ids: bool = False) -> np.ndarray:
+    """Load a mask as (H, W) bool.
+
+    Without ``threshold`` the mask must be binary (0 and one foreground value: MVTec's 0/255, 0/1, ...)
+    or, with ``class_ids``, hold small class ids (VisA); any non-zero pixel is anomalous. Anything else
+    (a soft or JPEG-damaged mask, where ``!= 0`` would mark most of the image) raises DataError naming
+    the values, unless ``threshold`` is set: then pixels ``>= threshold`` on the 8-bit scale (16-bit and
+    float masks scaled as images are) are anomalous.
+
+    Args:
+        path: mask file.
+        threshold: explicit binarisation threshold in 0..255, or None for the strict check.
+        class_ids: accept multi-valued class-id masks (VisA).
+    """
+    arr, mode = read_mask_values(path)
+    try:
+        return binarise_mask(arr, mode, threshold, class_ids)
+    except DataError as err:
+        raise DataError(f"mask {path}: {err}") from None
+
+
+def binarise_mask(arr: np.ndarray, mode: str, threshold: int | None = None, class_ids: bool = False) -> np.ndarray:
+    """Raw mask values (H, W) of PIL ``mode`` -> (H, W) bool, by the rules of ``load_mask``; DataError if not binary."""
+    if threshold is not None:
+        if mode in (*SIXTEEN_BIT_MODES, "I"):
+            arr = scale_int(arr, mode)
+        elif mode == "F":
+            arr = scale_float(arr)
+        return arr >= threshold
+    problem = mask_problem(np.unique(arr), class_ids)
+    if problem is not None:
+        raise DataError(problem)
+    return arr != 0

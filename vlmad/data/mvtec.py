@@ -11,6 +11,7 @@ from vlmad.data.records import (
     Record,
     check_threshold,
     existing_root,
+    problems_error,
     select_categories,
 )
 
@@ -61,7 +62,7 @@ def read_tree(
     split_dir = category_dir / split
     if not split_dir.is_dir():
         raise DataError(f"split folder not found: {split_dir}")
-    records = []
+    records, missing = [], []
     for defect_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
         defect = defect_dir.name
         for image in list_images(defect_dir):
@@ -70,10 +71,12 @@ def read_tree(
                 gt_dir = category_dir / "ground_truth" / defect
                 mask = find_mask(gt_dir, image.stem, mask_exts)
                 if mask is None and mask_required:
-                    raise DataError(
+                    missing.append(
                         f"mask missing for {image}: expected {gt_dir / (image.stem + '_mask' + mask_exts[0])}"
                     )
             records.append(Record(image, mask, int(defect != "good"), category_dir.name, defect))
+    if missing:
+        raise problems_error(f"{len(missing)} masks missing in {split_dir}:", missing)
     if not records:
         raise DataError(f"no images in {split_dir}")
     return records

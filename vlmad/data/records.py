@@ -6,12 +6,25 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmad.errors import VlmadError
+
+# Longest listing in one DataError; the rest is counted.
+MAX_LISTED = 20
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "test")
 
 
-class DataError(ValueError):
-    """Bad dataset input; the message names the offending file or directory and the problem."""
+class DataError(VlmadError, ValueError):
+    """Bad dataset input; the message names the offending file or directory and the problem.
+
+    Args:
+        message: the whole message.
+        problems: the individual "file: problem" lines when the error lists several (else empty).
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,20 @@ class Reader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, categories={self.categories})"
+
+
+def problems_error(summary: str, problems: list[str], limit: int = MAX_LISTED) -> DataError:
+    """One DataError listing every problem, one per line, at most ``limit`` lines plus "... and N more".
+
+    Args:
+        summary: first line, e.g. "3 problems in /data/mvtec".
+        problems: "file: problem" lines.
+        limit: lines shown.
+    """
+    lines = [summary, *(f"  {p}" for p in problems[:limit])]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return DataError("\n".join(lines), problems)
 
 
 def check_threshold(threshold: int | None) -> int | None:

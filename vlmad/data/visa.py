@@ -11,6 +11,7 @@ from vlmad.data.records import (
     check_threshold,
     existing_root,
     parse_label,
+    problems_error,
     read_csv,
     select_categories,
 )
@@ -23,7 +24,9 @@ class VisA(Reader):
 
     Image and mask paths come from each CSV row (relative to ``root``); masks hold small class ids and
     are binarised with ``!= 0`` at load time. VisA has no per-image defect type in the CSV, so
-    anomalous records get ``defect_type="anomaly"``.
+    anomalous records get ``defect_type="anomaly"``. Every anomaly row of the official release has a
+    mask, so an anomaly row with an empty ``mask`` field is an error (it would silently leave pixel
+    metrics); classification-only anomalies belong in a ``data=folder`` manifest, which allows them.
 
     Args:
         root: VisA root (the folder holding ``candle/``, ``split_csv/``, ...).
@@ -54,7 +57,7 @@ class VisA(Reader):
     def records(self, category: str, split: str) -> list[Record]:
         """Index one object's split, in CSV order."""
         self._check(category, split)
-        records = []
+        records, problems = [], []
         # Row numbers count the header as line 1, as an editor shows them.
         for line, row in enumerate(self._rows, start=2):
             if row["object"] != category or row["split"] != split:
@@ -63,10 +66,12 @@ class VisA(Reader):
             label = parse_label(row["label"], where)
             image = self.root / row["image"]
             mask = self.root / row["mask"] if row["mask"] else None
-            for path in (image, mask):
-                if path is not None and not path.is_file():
-                    raise DataError(f"{where}: file not found: {path}")
+            if label == 1 and mask is None:
+                problems.append(f"{where}: anomaly row without a mask ({row['image']})")
+            problems += [f"{where}: file not found: {p}" for p in (image, mask) if p is not None and not p.is_file()]
             records.append(Record(image, mask, label, category, "anomaly" if label else "good"))
+        if problems:
+            raise problems_error(f"{len(problems)} problems in {self.csv_path} ({category}, {split}):", problems)
         if not records:
             raise DataError(f"no images in {self.csv_path} for object {category!r}, split {split!r}")
         return records
