@@ -18,6 +18,8 @@ from vlmad.run import evaluate, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 CATEGORY = {"mvtec": "bottle_syn", "visa": "candle_syn"}
+# 5 test images in one batch (fast_dev_run tests one batch): MuSc's mutual scoring needs at least 5 per category
+ONE_CATEGORY = {**SYNTHETIC, "n_test_good": 3}
 
 
 def _spec(name: str) -> dict:
@@ -27,7 +29,7 @@ def _spec(name: str) -> dict:
 def _data(node: str, layout: str, root) -> list[str]:
     option = "synthetic" if layout == "mvtec" else "synthetic_visa"
     return [f"{node}={option}", f"{node}.root={root}", f"{node}.categories=[{CATEGORY[layout]}]",
-            *(f"{node}.{k}={v}" for k, v in SYNTHETIC.items())]  # fmt: skip
+            *(f"{node}.{k}={v}" for k, v in ONE_CATEGORY.items())]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +38,12 @@ def one_category_roots(tmp_path_factory) -> dict:
     from vlmad.data.synthetic import generate
 
     base = tmp_path_factory.mktemp("one_category")
-    return {k: generate(base / k, layout=k, categories=[c], **SYNTHETIC) for k, c in CATEGORY.items()}
+    return {k: generate(base / k, layout=k, categories=[c], **ONE_CATEGORY) for k, c in CATEGORY.items()}
 
 
 def _overrides(task: str, roots: dict, tmp_path) -> list[str]:
     base = ["backbone=tiny", "backbone.image_size=64", f"paths.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "datamodule.batch_size=4", "module.num_overlays=0"]  # fmt: skip
+            "trainer.enable_progress_bar=false", "datamodule.batch_size=8", "module.num_overlays=0"]  # fmt: skip
     if task == "evaluate":
         return [*base, *_data("data", "mvtec", roots["mvtec"])]
     return [*base, "++trainer.fast_dev_run=true", *_data("data", "visa", roots["visa"]),
