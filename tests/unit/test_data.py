@@ -352,3 +352,68 @@ def test_reference_images(datamodule):
     assert paths_other != paths
     with pytest.raises(DataError, match="k=5"):
         datamodule.reference_images("carpet_syn", 5, seed=0)
+
+
+# --- mask values (hardening issue item 6) --------------------------------------------------------
+
+
+def test_soft_mask_is_an_error_naming_the_values(tmp_path):
+    root = _folder_tree(tmp_path)
+    gradient = np.tile(np.arange(24, dtype=np.uint8) * 10, (24, 1))  # a soft mask: != 0 would mark 96 %
+    mask_path = _save(root / "widget/ground_truth/scratch/d_mask.png", gradient)
+    rec = next(r for r in Folder(root).records("widget", "test") if r.image.stem == "d")
+    with pytest.raises(DataError, match=rf"{mask_path}: not a binary mask: 23 non-zero values \(10, 20, 30"):
+        AnomalyDataset([rec], _preprocess(24))[0]
+    with pytest.raises(DataError, match="mask_threshold"):
+        load_mask(mask_path)
+    assert np.array_equal(load_mask(mask_path, threshold=128), gradient >= 128)
+    thresholded = Folder(root, mask_threshold=128)
+    samples = {Path(s["path"]).stem: s for s in AnomalyDataModule(thresholded, image_size=24).test_dataset("widget")}
+    assert samples["d"]["mask"].mean() == pytest.approx(11 / 24)  # columns 13..23 are >= 128
+    with pytest.raises(DataError, match="mask_threshold must be"):
+        Folder(root, mask_threshold=300)
+
+
+@pytest.mark.parametrize("values", [(0, 255), (0, 1), (0, 7)])
+def test_binary_masks_of_any_foreground_value(tmp_path, values):
+    mask = np.full((4, 4), values[0], np.uint8)
+    mask[1:3, 1:3] = values[1]
+    assert np.array_equal(load_mask(_save(tmp_path / "m.png", mask)), mask != 0)
+
+
+def test_visa_class_id_masks_stay_valid_and_gradients_do_not(tmp_path):
+    ids = np.array([[0, 1, 2, 3]], np.uint8)
+    assert np.array_equal(load_mask(_save(tmp_path / "ids.png", ids), class_ids=True), ids != 0)
+    with pytest.raises(DataError, match="not a binary mask"):
+        load_mask(tmp_path / "ids.png")  # several values are class ids only where the reader says so (VisA)
+    soft = np.array([[0, 40, 128, 250]], np.uint8)
+    with pytest.raises(DataError, match=r"class ids 1\.\.127"):
+        load_mask(_save(tmp_path / "soft.png", soft), class_ids=True)
+
+
+def test_visa_anomaly_row_without_mask_is_an_error(visa_root, tmp_path):
+    root = Path(shutil.copytree(visa_root, tmp_path / "visa"))
+    csv_path = root / "split_csv" / "1cls.csv"
+    with csv_path.open() as f:
+        rows = list(csv.reader(f))
+    blanked = [i for i, r in enumerate(rows) if r[0] == "pcb_syn" and r[1] == "test" and r[2] == "anomaly"][:2]
+    for i in blanked:
+        rows[i][4] = ""
+    with csv_path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DataError) as info:
+        VisA(root).records("pcb_syn", "test")
+    assert str(info.value).startswith(f"2 problems in {csv_path} (pcb_syn, test):")
+    assert all(f"line {i + 1}: anomaly row without a mask" in str(info.value) for i in blanked)
+    assert len(VisA(root).records("candle_syn", "test")) == 6  # other objects unaffected
+
+
+def test_mvtec_lists_every_missing_mask(tmp_path):
+    root = generate(tmp_path, "mvtec", ["carpet_syn"], **SMALL)
+    masks = sorted((root / "carpet_syn" / "ground_truth").rglob("*_mask.png"))
+    for mask in masks:
+        mask.unlink()
+    with pytest.raises(DataError) as info:
+        MVTec(root).records("carpet_syn", "test")
+    assert str(info.value).startswith(f"{len(masks)} masks missing in {root / 'carpet_syn' / 'test'}")
+    assert all(str(m) in str(info.value) for m in masks)
