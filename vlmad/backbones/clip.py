@@ -87,7 +87,7 @@ def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
 def _load_weights_file(model: nn.Module, path: Path) -> None:
@@ -96,13 +96,15 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
         if _is_torchscript(path):
             # open_clip's load_checkpoint cannot read TorchScript; OpenAI's archive holds the open_clip key layout
             # plus three int metadata entries (open_clip's build_model_from_openai_state_dict drops the same ones).
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # torch >= 2.9 flags torch.jit.load as deprecated: only reading here
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
             for key in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(key, None)
             model.load_state_dict(state, strict=True)  # fp16 archive values are copied into the fp32 model
         else:
             open_clip.load_checkpoint(model, str(path), strict=True)
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
+    except Exception as err:  # torch/zip/pickle/shape errors: one line naming the file, the cause chained
         raise RuntimeError(f"could not load weights file {path}: {str(err).strip().splitlines()[0]}") from err
     n_tensors = len(model.state_dict())
     log.info("loaded weights from %s (sha256 %s, %d tensors)", path, weights_sha256(path)[:12], n_tensors)
