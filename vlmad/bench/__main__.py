@@ -3,7 +3,9 @@
 Sections: ``winclip`` (ViT-B-16-plus-240, batch 1 and 8, zero-shot and 1-shot vs a bare encode_image),
 ``anomalyclip`` (ViT-L-14-336-quickgelu at 336 and 518 px vs a bare encode_image), ``training``
 (AnomalyCLIP seconds per epoch on a small generated auxiliary set, without and with the feature cache),
-``sweep`` (a WinCLIP k-shot x reference-draw sweep without cache, with a cold and a warm disk cache).
+``sweep`` (a WinCLIP k-shot x reference-draw sweep without cache, with a cold and a warm disk cache),
+``musc`` (ViT-L-14-336 at 518 px: encode and mutual-scoring time of a 5-image category on CPU, of a 200-image
+category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of the same block).
 Random weights cost exactly what trained weights cost; no quality is measured here.
 """
 
@@ -16,7 +18,7 @@ import time
 def main(argv: list[str] | None = None) -> None:
     """Run the selected sections and print their tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep"])
+    parser.add_argument("sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep", "musc"])
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
     import torch
@@ -40,8 +42,18 @@ def main(argv: list[str] | None = None) -> None:
             from vlmad.bench import sweep as bench
 
             rows = bench.run(ks=(1, 2), draws=2, backbone="tiny", image_size=64) if args.quick else bench.run()
+        elif section == "musc":
+            from vlmad.bench import musc as bench
+
+            if args.quick:
+                rows = bench.run(n_images=6, image_size=64, backbone_name="vlmad-tiny")
+            elif torch.cuda.is_available():  # the GPU check: a VisA-sized category, bf16 encoder
+                gpu = {"n_images": 200, "device": "cuda", "precision": "bf16", "batch_size": 16}
+                rows = [*bench.run(**gpu), *bench.run(**gpu, distance_dtype="bf16")]
+            else:
+                rows = bench.run()
         else:
-            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training, sweep)")
+            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training, sweep, musc)")
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)
 
 
