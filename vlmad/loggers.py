@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -113,22 +112,8 @@ def log_test_report(
         run.tags = (*(run.tags or ()), protocol.split(" (")[0].replace(" ", "-"))  # "transductive-zero-shot"
 
 
-def _failing_through(frame: FrameType | None) -> bool:
-    """Whether the exception being handled is propagating through ``frame``.
-
-    Called from a ``finally``: ``sys.exc_info()`` then holds the in-flight exception, but also an unrelated one
-    when the caller itself runs inside an ``except`` block, so the traceback must pass through ``frame``.
-    """
-    tb = sys.exc_info()[2]
-    while tb is not None:
-        if tb.tb_frame is frame:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def finish_wandb(frame: FrameType | None) -> None:
-    """Finish the active wandb run, with exit code 1 if an exception is leaving ``frame`` (the job failed).
+def finish_wandb(failed: bool) -> None:
+    """Finish the active wandb run (exit code 1 when the job failed).
 
     Without this, the next job of a multirun would reuse the run (``WandbLogger`` attaches to ``wandb.run``).
     """
@@ -136,4 +121,4 @@ def finish_wandb(frame: FrameType | None) -> None:
         return
     import wandb
 
-    wandb.finish(exit_code=1 if _failing_through(frame) else 0)
+    wandb.finish(exit_code=1 if failed else 0)

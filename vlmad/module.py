@@ -7,20 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vlmad.cache import FeatureCache
+from vlmad.checkpoint import check_checkpoint_fits
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
+from vlmad.metrics.table import write_csv
 from vlmad.viz import denormalize_image, overlay_panel, save_png
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint was made for another backbone or prompt/projection shape."""
 
 
 class AnomalyModule(L.LightningModule):
@@ -121,6 +118,8 @@ class AnomalyModule(L.LightningModule):
         self._score_transductive()
         self.results[self._category] = self.metrics.compute()
         self.metrics.reset()
+        if self.output_dir is not None:  # finished categories survive a later failure
+            write_csv(self.output_dir / "metrics.csv", self.results)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score a batch of one category and update that category's metrics."""
@@ -218,33 +217,3 @@ class AnomalyModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another backbone or prompt/projection shape, with a clear message."""
         check_checkpoint_fits(checkpoint, self.method)
-
-
-def check_checkpoint_fits(checkpoint: dict[str, Any], method: AnomalyMethod) -> None:
-    """Raise CheckpointMismatchError unless the checkpoint's settings and tensor shapes fit ``method``."""
-    saved = checkpoint.get("vlmad")
-    if saved is None:
-        raise CheckpointMismatchError("not a vlmad checkpoint (no 'vlmad' settings entry)")
-    expected = method.hparams_for_checkpoint()
-    diffs = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-    if diffs:
-        lines = "; ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in diffs.items())
-        raise CheckpointMismatchError(f"checkpoint does not fit the configured method ({lines})")
-    own = {f"method.{k}": v for k, v in method.learned_state().items()}
-    for key, value in checkpoint["state_dict"].items():
-        if key in own and tuple(own[key].shape) != tuple(value.shape):
-            raise CheckpointMismatchError(
-                f"checkpoint tensor {key} has shape {tuple(value.shape)}, the configured method expects "
-                f"{tuple(own[key].shape)}"
-            )
-    missing = sorted(set(own) - set(checkpoint["state_dict"]))
-    if missing:
-        raise CheckpointMismatchError(f"checkpoint lacks learned tensors {missing}")
-
-
-def load_method_weights(method: AnomalyMethod, ckpt_path: str | Path) -> None:
-    """Load a vlmad checkpoint's learned tensors into a method (no Trainer needed)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    check_checkpoint_fits(checkpoint, method)
-    state = {k[len("method.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
-    method.load_state_dict(state, strict=False)

@@ -27,10 +27,11 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
+from vlmad.checkpoint import load_method_weights
 from vlmad.config import CONF_DIR as CONF
 from vlmad.data import Preprocess, load_image
+from vlmad.errors import VlmadError, exit_on_user_error
 from vlmad.methods.base import AnomalyMethod
-from vlmad.module import load_method_weights
 from vlmad.viz import denormalize_image, overlay_panel, save_png
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ NO_THRESHOLD = (
 )
 
 
-class PredictError(ValueError):
+class PredictError(VlmadError, ValueError):
     """Bad prediction input or threshold settings."""
 
 
@@ -314,6 +315,7 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[Pa
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="predict")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Entry point of ``python -m vlmad.predict``."""
     predict(cfg)

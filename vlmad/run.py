@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 import vlmad.config  # noqa: F401  (registers the fresh_dir resolver that conf/hydra uses)
+from vlmad.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
+from vlmad.errors import ConfigError, one_line
 from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.metrics.table import format_table, write_csv
-from vlmad.module import load_method_weights
 from vlmad.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file and rename, so a killed run never leaves a torn checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        """torch.save to ``path.tmp`` then ``os.replace``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        """torch.save to ``path.<pid>.tmp`` then ``os.replace``."""
+        atomic_torch_save(checkpoint, path)
 
 
 def _resolved_without_hydra(cfg: DictConfig) -> dict:
@@ -51,18 +47,18 @@ def _callbacks(cfg: DictConfig) -> list:
 
 
 def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
-    """Instantiate backbone -> method -> module, the datamodule and the trainer from a composed config."""
+    """Instantiate the data, then backbone -> method -> module, the datamodule and the trainer.
+
+    The datasets come first: a wrong data root or a damaged file is reported in seconds, before a ViT-L loads.
+    """
     L.seed_everything(cfg.seed, workers=True)
+    test_set = instantiate(cfg.test_data if fit else cfg.data)
+    fit_set = instantiate(cfg.data) if fit else None
     backbone = instantiate(cfg.backbone)
     method = instantiate(cfg.method, backbone=backbone)
     module = instantiate(cfg.module, method=method)
-    if fit:
-        datamodule = instantiate(
-            cfg.datamodule, test_set=instantiate(cfg.test_data), fit_set=instantiate(cfg.data),
-            mean=backbone.mean, std=backbone.std,
-        )  # fmt: skip
-    else:
-        datamodule = instantiate(cfg.datamodule, test_set=instantiate(cfg.data), mean=backbone.mean, std=backbone.std)
+    sets = {"test_set": test_set, **({"fit_set": fit_set} if fit else {})}
+    datamodule = instantiate(cfg.datamodule, **sets, mean=backbone.mean, std=backbone.std)
     loggers = _loggers(cfg)
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg) if fit else [],
@@ -101,51 +97,69 @@ def _title(cfg: DictConfig, data_key: str) -> str:
             + (f" | {_protocol(cfg)}" if _protocol(cfg) else ""))  # fmt: skip
 
 
-def _finish_loggers(objects: dict[str, Any]) -> None:
-    # Finish whatever W&B run is active, not only the built loggers': build may fail after the run started
-    # (objects is then empty). Exit code 1 when an exception is leaving the calling evaluate/train.
-    finish_wandb(sys._getframe(1))
+def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a task like lightning-hydra-template's ``task_wrapper``: ``run.json`` says ``running``, then ``done``
+    (written with the metrics) or ``failed`` with the error; the W&B run is always finished (exit code 1 on
+    failure), so the next job of a multirun never attaches to it.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> Any:
+        out = Path(cfg.paths.output_dir)
+        write_run_json(out, run_info(cfg, status="running"))
+        try:
+            result = fn(cfg)
+        except BaseException as err:
+            write_run_json(out, run_info(cfg, status="failed", error=one_line(err)))
+            finish_wandb(failed=True)
+            raise
+        finish_wandb(failed=False)
+        return result
+
+    return wrapper
 
 
+@task
 def evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Evaluate a (trained or training-free) method on ``cfg.data`` per category.
 
     Returns:
         per-category metrics incl. the ``mean`` row, and the built objects.
     """
-    objects: dict[str, Any] = {}
-    try:
-        objects = build(cfg, fit=False)
-        if cfg.get("ckpt_path"):
-            load_method_weights(objects["method"], cfg.ckpt_path)
-        elif objects["method"].trainable:
-            log.warning("evaluating %s without ckpt_path: its learned parts are at their initial values",
-                        type(objects["method"]).__name__)  # fmt: skip
-        objects["trainer"].test(objects["module"], datamodule=objects["datamodule"], verbose=False)
-        results = objects["module"].results
-        _report(cfg, results, _title(cfg, "data"))
-        return results, objects
-    finally:
-        _finish_loggers(objects)
+    if "comparison" in cfg:
+        raise ConfigError("experiment=comparison trains and evaluates several methods: run it with "
+                          "`python train.py experiment=comparison ...` (evaluate.py runs one method)")  # fmt: skip
+    checkpoint = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # a bad file fails in seconds
+    objects = build(cfg, fit=False)
+    if checkpoint is not None:
+        load_method_weights(objects["method"], cfg.ckpt_path)
+    elif objects["method"].trainable:
+        log.warning("evaluating %s without ckpt_path: its learned parts are at their initial values",
+                    type(objects["method"]).__name__)  # fmt: skip
+    objects["trainer"].test(objects["module"], datamodule=objects["datamodule"], verbose=False)
+    results = objects["module"].results
+    _report(cfg, results, _title(cfg, "data"))
+    return results, objects
 
 
+@task
 def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Fit the method's learned parts on ``cfg.data`` (its test split), then test on ``cfg.test_data``.
 
     ``ckpt_path`` resumes an interrupted run from its ``last.ckpt``.
     """
-    objects: dict[str, Any] = {}
-    try:
-        objects = build(cfg, fit=True)
-        if not objects["method"].trainable:
-            raise ValueError(f"{cfg.method._target_} has nothing to train; use evaluate.py")
-        trainer, module = objects["trainer"], objects["module"]
-        trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
-        results: dict[str, dict[str, float]] = {}
-        if cfg.get("test_after_fit", True):
-            trainer.test(module, datamodule=objects["datamodule"], verbose=False)
-            results = module.results
-            _report(cfg, results, _title(cfg, "test_data"))
-        return results, objects
-    finally:
-        _finish_loggers(objects)
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path)  # a missing or truncated file fails in seconds, naming it
+        for stale in remove_partial_writes(Path(cfg.ckpt_path).parent):
+            log.warning("removed %s: a partial checkpoint write of a run killed while saving", stale)
+    objects = build(cfg, fit=True)
+    if not objects["method"].trainable:
+        raise ConfigError(f"{cfg.method._target_} has nothing to train; use evaluate.py")
+    trainer, module = objects["trainer"], objects["module"]
+    trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+    results: dict[str, dict[str, float]] = {}
+    if cfg.get("test_after_fit", True):
+        trainer.test(module, datamodule=objects["datamodule"], verbose=False)
+        results = module.results
+        _report(cfg, results, _title(cfg, "test_data"))
+    return results, objects

@@ -40,3 +40,97 @@ def test_two_runs_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
         OmegaConf.register_new_resolver("now", lambda fmt: datetime.now().strftime(fmt), replace=True, use_cache=True)
     assert dirs[0] != dirs[1]
     assert all((tmp_path / d).is_dir() for d in dirs)
+
+
+def test_a_late_failure_keeps_finished_categories_and_records_the_error(make_cfg, monkeypatch):
+    """Category 2 fails: metrics.csv keeps category 1, run.json says failed and why, the report lists it."""
+    import json
+
+    from vlmad.module import AnomalyModule
+    from vlmad.report import collect
+    from vlmad.run import evaluate
+
+    cfg = make_cfg("evaluate", "method=winclip")
+    original = AnomalyModule._open_category
+
+    def open_category(self, category):
+        original(self, category)  # closes the previous category
+        if self.results:  # the second category
+            raise RuntimeError(f"disk full while scoring {category}")
+
+    monkeypatch.setattr(AnomalyModule, "_open_category", open_category)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate(cfg)
+    out = tmp_out(cfg)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[0] == "carpet_syn"
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "disk full while scoring bottle_syn" in info["error"]
+    done, failed = collect(out.parent)
+    assert not done and "disk full" in failed[0]["reason"]
+
+
+def tmp_out(cfg):
+    from pathlib import Path
+
+    return Path(cfg.paths.output_dir)
+
+
+def test_evaluate_refuses_the_comparison_experiment(make_cfg):
+    from vlmad.errors import ConfigError
+    from vlmad.run import evaluate
+
+    with pytest.raises(ConfigError, match="train.py experiment=comparison"):
+        evaluate(make_cfg("evaluate", "experiment=comparison"))
+
+
+def test_resume_removes_partial_checkpoint_writes(tmp_path):
+    import torch
+
+    from vlmad.checkpoint import atomic_torch_save, remove_partial_writes
+
+    atomic_torch_save({"a": torch.ones(2)}, tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt.tmp").write_bytes(b"torn")
+    (tmp_path / "last.ckpt.1234.tmp").write_bytes(b"torn")
+    removed = remove_partial_writes(tmp_path)
+    assert [p.name for p in removed] == ["last.ckpt.1234.tmp", "last.ckpt.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    import torch
+
+    from vlmad.checkpoint import CheckpointMismatchError, read_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointMismatchError, match=r"last\.ckpt: not a readable checkpoint"):
+        read_checkpoint(path)
+
+
+def _entry(script: str, *overrides: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, str(root / script), *overrides], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})}, cwd=root,
+    )  # fmt: skip
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    """A wrong data root: one line naming it, exit 2, no traceback, before any backbone is built."""
+    missing = tmp_path / "no_such_mvtec"
+    out = f"hydra.run.dir={tmp_path / 'run'}"
+    proc = _entry("evaluate.py", "backbone=tiny", "data=mvtec", f"data.root={missing}", out)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmad: error:")]
+    assert len(errors) == 1 and str(missing) in errors[0]
+    assert "Traceback" not in proc.stderr and "ClipBackbone" not in proc.stderr
+    debug = _entry("evaluate.py", "backbone=tiny", "data=mvtec", f"data.root={missing}", out + "2",
+                   env={"VLMAD_DEBUG": "1"})  # fmt: skip
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmad.module import CheckpointMismatchError
+from vlmad.checkpoint import CheckpointMismatchError
 from vlmad.run import evaluate, train
 
 

@@ -12,9 +12,11 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
+from vlmad.checkpoint import CheckpointMismatchError
 from vlmad.loggers import active_run, make_wandb_logger, wandb_mode
 from vlmad.metrics.table import read_csv
 from vlmad.run import evaluate
@@ -129,8 +131,9 @@ def test_jobs_get_their_own_runs_and_failures_are_finished(make_cfg, tmp_path, o
     evaluate(_cfg(make_cfg, *one))
     evaluate(_cfg(make_cfg, *one, "method.k_shot=1", "seed=3"))
     # fails after build, with its run started: finished with exit code 1, nothing left active
-    with pytest.raises(FileNotFoundError):
-        evaluate(_cfg(make_cfg, *one, f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # readable, but no vlmad checkpoint
+    with pytest.raises(CheckpointMismatchError):
+        evaluate(_cfg(make_cfg, *one, f"ckpt_path={tmp_path / 'foreign.ckpt'}"))
     assert active_run() is None
 
     # run dirs are named by start second and a random id: identify the jobs by their seed instead

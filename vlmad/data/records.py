@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,17 +122,61 @@ def select_categories(available: list[str], requested: list[str] | None, where: 
     return list(requested)
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Read a CSV with a header, checking that the ``required`` columns are present."""
+def short(text: str, limit: int = 60) -> str:
+    """``repr`` of ``text`` cut to about ``limit`` characters, for quoting file content in one-line messages."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def csv_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """Parse a text CSV into (line number, fields) pairs, blank lines skipped; DataError on anything else.
+
+    Line numbers are those an editor shows (the header is line 1). A quoted field spanning lines is
+    reported as an unbalanced quote: none of vlmad's CSVs has multi-line fields, and the csv module
+    would otherwise swallow the rest of the file into one value.
+    """
     if not path.is_file():
         raise DataError(f"CSV file not found: expected {path}")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"{path}: header {header} lacks columns {missing} (expected {list(required)})")
-        return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM spreadsheet programs write
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not a UTF-8 text CSV (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+        ) from None
+    if "\x00" in text:
+        raise DataError(f"{path}: not a text CSV (NUL byte at offset {text.index(chr(0))})")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, start = [], 1
+    try:
+        for fields in reader:
+            if any("\n" in f or "\r" in f for f in fields):
+                raise DataError(
+                    f"{path} line {start}: unbalanced quote (a quoted field runs on to line {reader.line_num})"
+                )
+            if any(f.strip() for f in fields):
+                rows.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        # the row that failed started at `start`; "unexpected end of data" is a quote never closed
+        problem = "unbalanced quote (a quoted field runs to the end of the file)" if "end of data" in str(err) else err
+        raise DataError(f"{path} line {start}: {problem}") from None
+    return rows
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """Read a CSV with a header, checking that the ``required`` columns are present.
+
+    Returns:
+        (line number, {column: stripped value}) per data row; missing trailing fields read as "".
+    """
+    lines = csv_lines(path)
+    if not lines:
+        raise DataError(f"{path}: empty CSV (expected a header with columns {list(required)})")
+    header = [h.strip() for h in lines[0][1]]
+    missing = [c for c in required if c not in header]
+    if missing:
+        shown = short(",".join(header), 120)
+        raise DataError(f"{path} line 1: header {shown} lacks columns {missing} (expected {list(required)})")
+    return [(line, {h: (f[i].strip() if i < len(f) else "") for i, h in enumerate(header)}) for line, f in lines[1:]]
 
 
 def parse_label(value: str, where: str) -> int:
@@ -140,4 +185,4 @@ def parse_label(value: str, where: str) -> int:
     try:
         return labels[value.lower()]
     except KeyError:
-        raise DataError(f"{where}: unknown label {value!r} (expected 'normal' or 'anomaly')") from None
+        raise DataError(f"{where}: unknown label {short(value)} (expected 'normal' or 'anomaly')") from None
