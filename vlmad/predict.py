@@ -287,26 +287,39 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     image_t, pixel_t = float(threshold["image_threshold"]), float(threshold["pixel_threshold"])
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
-    for batch_paths, sizes, images in load_batches(paths, preprocess, cfg.batch_size, skipped):
-        with torch.inference_mode():
-            pred = method(images.to(_device(method)), [cfg.class_name] * len(batch_paths))
-        maps, scores = pred.anomaly_map.float().cpu(), pred.pred_score.float().cpu()
-        for i, path in enumerate(batch_paths):
-            score, t = (float(scores[i]), image_t) if cfg.threshold.use == "score" else (float(maps[i].max()), pixel_t)
-            overlay, mask = _write_outputs(out, _stem(path, used), images[i], maps[i], sizes[i], pixel_t, preprocess)
-            rows.append({"path": str(path), "score": score, "is_anomalous": score > t, "threshold": t,
-                         "overlay": str(overlay), "mask": str(mask)})  # fmt: skip
+    with _text_out(out / "predictions.csv") as table:
+        writer = csv.writer(table)
+        writer.writerow(["path", "score", "is_anomalous", "threshold"])
+        for batch_paths, sizes, images in load_batches(paths, preprocess, cfg.batch_size, skipped):
+            with torch.inference_mode():
+                pred = method(images.to(_device(method)), [cfg.class_name] * len(batch_paths))
+            maps, scores = pred.anomaly_map.float().cpu(), pred.pred_score.float().cpu()
+            for i, path in enumerate(batch_paths):
+                use_score = cfg.threshold.use == "score"
+                score, t = (float(scores[i]), image_t) if use_score else (float(maps[i].max()), pixel_t)
+                overlay, mask = _write_outputs(out, _stem(path, used), images[i], maps[i], sizes[i], pixel_t,
+                                               preprocess)  # fmt: skip
+                rows.append({"path": str(path), "score": score, "is_anomalous": score > t, "threshold": t,
+                             "overlay": str(overlay), "mask": str(mask)})  # fmt: skip
+                writer.writerow([safe_name(path), score, int(score > t), t])
+            table.flush()  # rows are on disk as they are made: a crash keeps every scored image
     _write_reports(out, rows, skipped)
     return rows
 
 
+def safe_name(path: str | Path) -> str:
+    """``path`` as valid UTF-8 text: bytes of a file name that are not UTF-8 become ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
+def _text_out(path: Path) -> Any:
+    return path.open("w", newline="", encoding="utf-8")
+
+
 def _write_reports(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[Path, str]]) -> None:
-    with (out / "predictions.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "score", "is_anomalous", "threshold"])
-        writer.writerows([r["path"], r["score"], int(r["is_anomalous"]), r["threshold"]] for r in rows)
     if skipped:
-        (out / "skipped.txt").write_text("".join(f"{p}\t{reason}\n" for p, reason in skipped))
+        with _text_out(out / "skipped.txt") as f:
+            f.write("".join(f"{safe_name(p)}\t{safe_name(reason)}\n" for p, reason in skipped))
     n_anomalous = sum(r["is_anomalous"] for r in rows)
     print(f"{len(rows)} images scored, {n_anomalous} anomalous, {len(skipped)} skipped"
           + (f" (see {out / 'skipped.txt'})" if skipped else "") + f"; outputs in {out}", flush=True)  # fmt: skip

@@ -141,3 +141,34 @@ def test_command_line_entry_point(tmp_path, bottle, monkeypatch, capsys):
     (run_dir,) = (tmp_path / "outputs" / "predict").iterdir()
     assert len(_csv(run_dir)) == 1 and (run_dir / f"{image.stem}_overlay.png").exists()
     assert "1 images scored" in capsys.readouterr().out
+
+
+def test_non_utf8_file_name_is_written_and_rows_are_kept(tmp_path, bottle, monkeypatch):
+    """A Latin-1 file name is scored and written escaped; rows made before a crash stay in predictions.csv."""
+    import os
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    good = sorted(bottle.glob("test/good/*.png"))
+    latin1 = os.fsdecode(b"caf\xe9.png")  # not valid UTF-8: a surrogate-escaped str in Python
+    shutil.copy(good[0], folder / latin1)
+    shutil.copy(good[1], folder / "plain.png")
+    rows, out = _run(tmp_path, "run", f"input={folder}", "threshold.value=0.5")
+    text = (out / "predictions.csv").read_bytes().decode("utf-8")  # still valid UTF-8
+    assert "caf\\xe9.png" in text and len(_csv(out)) == 2 == len(rows)
+
+    import vlmad.predict as vp
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return original(*args, **kwargs)
+
+    original = vp._write_outputs
+    monkeypatch.setattr(vp, "_write_outputs", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _run(tmp_path, "crash", f"input={folder}", "threshold.value=0.5", "batch_size=1")
+    assert len(_csv(tmp_path / "crash")) == 1
