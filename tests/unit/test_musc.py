@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,32 @@ def test_wandb_run_carries_the_protocol(tmp_path, monkeypatch):
     loggers.log_test_report(tmp_path, f"MuSc | {PROTOCOL}", protocol=PROTOCOL)
     assert run.summary["test/protocol"] == PROTOCOL and PROTOCOL in run.summary["test/title"]
     assert "transductive-zero-shot" in run.tags
+
+
+def test_aprilgan_transductive_minmax_on_the_category_path(tiny_backbone, make_cfg, images):
+    from vlmad.methods.aprilgan import AprilGAN
+
+    def build(**kw):
+        torch.manual_seed(0)  # the same projections in every instance
+        model = AprilGAN(tiny_backbone, k_shot=1, feature_layers=[1, 3], **kw)
+        model.prepare("bottle", images[:1])
+        return model
+
+    model = build(image_fusion="transductive_minmax")
+    assert model.transductive and not build().transductive
+    with pytest.raises(RuntimeError, match="score_accumulated"):
+        model(images[1:], ["bottle"] * 5)
+    for batch in images[1:].split(3):
+        model.accumulate(batch, ["bottle"] * len(batch))
+    pred = model.score_accumulated()
+    map_max = build(image_score="map_max")(images[1:], ["bottle"] * 5).pred_score
+    text = 2 * build()(images[1:], ["bottle"] * 5).pred_score - map_max  # fixed fusion = ½(text + map max)
+    expected = 0.5 * (text + (map_max - map_max.min()) / (map_max.max() - map_max.min()))
+    torch.testing.assert_close(pred.pred_score, expected.to(pred.pred_score.dtype), rtol=1e-5, atol=1e-6)
+    cfg = make_cfg("evaluate", "method=aprilgan", "method.k_shot=1", "method.image_fusion=transductive_minmax",
+                   "method.feature_layers=[1,3]")  # fmt: skip
+    results, _ = evaluate(cfg)
+    assert set(results) == {"carpet_syn", "bottle_syn", "mean"}
+    assert not math.isnan(results["mean"]["image_auroc"])
+    protocol = json.loads((Path(cfg.paths.output_dir) / "run.json").read_text())["protocol"]
+    assert protocol.startswith("transductive k-shot")

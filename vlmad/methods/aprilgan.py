@@ -43,12 +43,21 @@ class AprilGAN(AnomalyMethod):
             k-shot mode; ``map_max`` = max of the [0, 1] map; ``fusion`` = ½(text + map max) also zero-shot.
         image_fusion: k-shot fusion. ``fixed`` = ½(text + max of the [0, 1] map), per image;
             ``transductive_minmax`` = the reference's min-max of the map maxima over the whole test set of
-            a category (parity only, see :meth:`fuse_scores_minmax`; ``forward`` refuses it).
+            a category (parity only, see :meth:`fuse_scores_minmax`): scored on the category-level path
+            (:meth:`accumulate`, :meth:`score_accumulated`); ``forward`` refuses it.
         class_names: map ``batch["category"]`` -> prompt name, used by ``loss`` when the batch has no
             ``class_name`` entry (identity for categories not in it).
     """
 
     trainable = True
+
+    @classmethod
+    def protocol_of(cls, settings: Mapping) -> str | None:
+        """``transductive_minmax`` k-shot scores depend on the category's other test images: label them."""
+        fused = settings.get("k_shot") and settings.get("image_score", "text") == "text"
+        if fused and settings.get("image_fusion") == "transductive_minmax":
+            return "transductive k-shot (image scores min-max normalised over each category's test images)"
+        return None
 
     def __init__(
         self,
@@ -96,6 +105,7 @@ class AprilGAN(AnomalyMethod):
             nn.Linear(backbone.width, backbone.embed_dim, bias=True) for _ in self.feature_layers
         )
         self._memory: dict[str, Tensor] = {}  # class name -> (n_fs, K*P, W) raw reference tokens
+        self._parts: list[tuple[Tensor, Tensor, Tensor]] = []  # transductive_minmax: per batch (maps, text, max)
 
     # ---------------------------------------------------------------- set-up
     def text_features(self, class_name: str) -> Tensor:
@@ -120,6 +130,7 @@ class AprilGAN(AnomalyMethod):
             reference_images: (K, 3, S, S) normal images of the category (needed when ``k_shot`` > 0).
         """
         self.text_features(class_name)
+        self._parts = []
         if self.k_shot == 0:
             return
         if reference_images is None or reference_images.shape[0] == 0:
@@ -279,11 +290,39 @@ class AprilGAN(AnomalyMethod):
         """
         # The reference's k-shot score is the fusion; image_score="text" means "as the reference".
         mode = "fusion" if self.k_shot and self.image_score == "text" else self.image_score
-        if mode == "fusion" and self.k_shot and self.image_fusion == "transductive_minmax":
+        if mode == "fusion" and self.transductive:
             raise RuntimeError(
                 "image_fusion='transductive_minmax' normalises over all test images of a category; it cannot "
-                "score a batch. Collect text probabilities and map maxima, then call fuse_scores_minmax."
+                "score a batch: accumulate every batch of the category, then score_accumulated (vlmad.module does)."
             )
+        amap, text_score, map_max = self._batch_parts(images, class_names, features)
+        score = {"text": text_score, "map_max": map_max, "fusion": 0.5 * (text_score + map_max)}[mode]
+        return Prediction(pred_score=score, anomaly_map=amap)
+
+    @property
+    def transductive(self) -> bool:
+        """True for the reference's k-shot fusion with ``transductive_minmax`` (scored per category)."""
+        return bool(self.k_shot) and self.image_score == "text" and self.image_fusion == "transductive_minmax"
+
+    def accumulate(self, images: Tensor, class_names: list[str] | None = None) -> None:
+        """Keep the maps, text probabilities and map maxima of (B, 3, S, S) images until the category ends."""
+        if class_names is None:
+            raise ValueError("AprilGAN.accumulate needs the class (prompt) name of every image")
+        self._parts.append(self._batch_parts(images, class_names))
+
+    def score_accumulated(self) -> Prediction:
+        """Fuse all accumulated images with :meth:`fuse_scores_minmax` (min-max over the category), then clear."""
+        if not self._parts:
+            raise RuntimeError("AprilGAN: nothing accumulated since prepare()")
+        maps, text, maxima = (torch.cat(p) for p in zip(*self._parts, strict=True))
+        self._parts = []
+        # The [0, 1] map is the reference's summed map over a constant: min-max of the maxima is the same.
+        return Prediction(pred_score=self.fuse_scores_minmax(text, maxima).to(text.dtype), anomaly_map=maps)
+
+    def _batch_parts(
+        self, images: Tensor, class_names: Sequence[str], features: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, S, S) output map, (B,) anomalous text probability and (B,) max of the [0, 1] map of a batch."""
         feats = self.image_features(images) if features is None else features
         text_feats = self._batch_text_features(class_names)  # (B, 2, D)
         zero_shot = self.stage_maps(feats["stages"], text_feats)[:, :, 1]  # (B, n, S, S)
@@ -298,9 +337,7 @@ class AprilGAN(AnomalyMethod):
         amap = gaussian_blur(sum_map, self.smoothing_sigma) if self.stage_reduce == "sum" else unit_map
         text_score = self.text_probs(feats["global"], text_feats)[:, 1]  # (B,)
         # Map-based scores always use the [0, 1] map, so they stay per-image and bounded.
-        map_max = unit_map.amax(dim=(1, 2))  # (B,)
-        score = {"text": text_score, "map_max": map_max, "fusion": 0.5 * (text_score + map_max)}[mode]
-        return Prediction(pred_score=score, anomaly_map=amap)
+        return amap, text_score, unit_map.amax(dim=(1, 2))  # (B,)
 
     # ---------------------------------------------------------------- training
     def loss_parts(self, stage_probs: Tensor, gt: Tensor) -> Tensor:
