@@ -145,7 +145,11 @@ def collect(root: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[st
         overrides = info["overrides"] if info else _hydra_overrides(d)
         entry = {"dir": str(d.relative_to(root)) or ".", "info": info or {}, "overrides": overrides}
         if info and info.get("status") == "done" and (d / "metrics.csv").exists():
-            entry["rows"] = read_csv(d / "metrics.csv")
+            try:
+                entry["rows"] = read_csv(d / "metrics.csv")
+            except ValueError as err:  # DataError: one line naming the file and the problem
+                failed.append({**entry, "reason": f"done: unreadable metrics.csv: {err}"})
+                continue
             entry["info"]["extra"] = " ".join(sorted(filter(None, map(_setting, overrides))))
             done.append(entry)
         else:

@@ -417,3 +417,49 @@ def test_mvtec_lists_every_missing_mask(tmp_path):
         MVTec(root).records("carpet_syn", "test")
     assert str(info.value).startswith(f"{len(masks)} masks missing in {root / 'carpet_syn' / 'test'}")
     assert all(str(m) in str(info.value) for m in masks)
+
+
+# --- bad CSV input (hardening issue item 8) -----------------------------------------------------
+
+
+def _visa_with_csv(tmp_path: Path, content: bytes) -> Path:
+    (tmp_path / "split_csv").mkdir(parents=True)
+    (tmp_path / "split_csv" / "1cls.csv").write_bytes(content)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            np.random.default_rng(0).bytes(3000),
+            r"1cls\.csv: not a UTF-8 text CSV \(byte 0x[0-9a-f]{2} at offset \d+\)$",
+        ),
+        (
+            b"object,split,label,image,mask\n\x00\x00" + b"y" * 3000,
+            r"1cls\.csv: not a text CSV \(NUL byte at offset 30\)$",
+        ),
+        (
+            b'object,split,label,image,mask\n\nc,train,normal,a.png,\nc,test,"normal,b.png,\n'
+            + b"c,test,normal,x,\n" * 300,
+            r"1cls\.csv line 4: unbalanced quote \(a quoted field runs to the end of the file\)$",
+        ),
+        (
+            b"object,split,label,image\n" + b"z" * 3000 + b"\n",
+            r"1cls\.csv line 1: header .* lacks columns mask \(expected object,split,label,image,mask\)$",
+        ),
+        (b"o" * 3000 + b"\nx\n", r"1cls\.csv line 1: header 'ooo.*\.\.\. \(3000 characters\) lacks columns"),
+    ],
+)
+def test_bad_csv_is_one_short_line(tmp_path, content, message):
+    with pytest.raises(DataError, match=message) as info:
+        VisA(_visa_with_csv(tmp_path, content))
+    assert len(str(info.value).splitlines()) == 1 and len(str(info.value)) < 250 + len(str(tmp_path))
+
+
+def test_csv_line_numbers_count_blank_lines_and_long_values_are_cut(tmp_path):
+    long_label = "normal" * 500
+    content = f"object,split,label,image,mask\n\n\nc,train,{long_label},a.png,\n".encode()
+    with pytest.raises(DataError, match=r"1cls\.csv line 4: unknown label 'normalnormal.*\(3000 characters\)") as info:
+        VisA(_visa_with_csv(tmp_path, content)).records("c", "train")
+    assert len(str(info.value)) < 250 + len(str(tmp_path))

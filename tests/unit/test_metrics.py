@@ -398,10 +398,11 @@ def test_csv_exact_and_round_trip(tmp_path):
     path = tmp_path / "run" / "metrics.csv"
     write_csv(path, rows)
     lines = path.read_text().splitlines()
-    assert lines[0] == "category," + ",".join(METRIC_NAMES) + ",pixel_aupro_legacy"
-    assert lines[1] == "bottle," + ",".join(["0.5"] * 7) + ",0.25"
-    assert lines[2] == "cable,nan," + ",".join(["0.9"] * 6) + ",0.75"
-    assert lines[3].startswith("mean,0.5,0.7,")
+    counts = ",n_categories_image,n_categories_pixel"
+    assert lines[0] == "category," + ",".join(METRIC_NAMES) + ",pixel_aupro_legacy" + counts
+    assert lines[1] == "bottle," + ",".join(["0.5"] * 7) + ",0.25,1,1"
+    assert lines[2] == "cable,nan," + ",".join(["0.9"] * 6) + ",0.75,1,1"
+    assert lines[3].startswith("mean,0.5,0.7,") and lines[3].endswith(",2,2")
     assert len(lines) == 4
     back = read_csv(path)
     assert list(back) == list(rows)
@@ -424,3 +425,93 @@ def test_format_table_percent_one_decimal():
     markdown = format_markdown(summarise(ROWS)).splitlines()
     assert markdown[0].startswith("| category | image_auroc |")
     assert markdown[-1].startswith("| **mean** | 50.0 | 70.0 |")
+
+
+# ---------------------------------------------------------------- undefined metrics and bad tables (issue 7)
+
+
+def test_undefined_metric_warning_names_the_category():
+    from vlmad.metrics.anomaly_metrics import UndefinedMetricWarning
+
+    scores, labels, maps, masks = _synthetic_category(9)
+    metrics = AnomalyMetrics()
+    defective = labels == 1
+    metrics.update(scores[defective], labels[defective], maps[defective], masks[defective])
+    with pytest.warns(UndefinedMetricWarning) as record:
+        out = metrics.compute(category="screw")
+    assert [str(w.message) for w in record] == [
+        f"image metrics undefined for category 'screw': all {int(defective.sum())} images are defective; "
+        "the category is left out of the image-metric mean"
+    ]
+    assert math.isnan(out["image_auroc"]) and not math.isnan(out["pixel_auroc"])
+
+
+def test_mean_row_says_how_many_categories_it_averages(tmp_path):
+    from vlmad.metrics.anomaly_metrics import UndefinedMetricWarning
+
+    rows = {
+        "bottle": dict.fromkeys(METRIC_NAMES, 0.5),
+        "screw": dict.fromkeys(METRIC_NAMES, 0.7)
+        | {"image_auroc": math.nan, "image_ap": math.nan, "image_f1max": math.nan},
+        "zipper": dict.fromkeys(METRIC_NAMES, 0.9),
+    }
+    with pytest.warns(UndefinedMetricWarning, match=r"image metrics over 2 of 3 categories \(.* undefined for screw\)"):
+        table = summarise(rows)
+    assert table["mean"]["image_auroc"] == pytest.approx(0.7) and table["mean"]["pixel_auroc"] == pytest.approx(0.7)
+    write_csv(tmp_path / "metrics.csv", table)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("category," + ",".join(METRIC_NAMES) + ",")  # existing columns first, in order
+    assert lines[0].endswith(",n_categories_image,n_categories_pixel")
+    assert lines[2].endswith(",0,1") and lines[4].startswith("mean,") and lines[4].endswith(",2,3")
+    as_text = lambda t: {c: {k: repr(v) for k, v in row.items()} for c, row in t.items()}  # noqa: E731 (NaN != NaN)
+    assert as_text(read_csv(tmp_path / "metrics.csv")) == as_text(table)  # derived counts are not read back
+    text = format_table(table)
+    assert text.splitlines()[-1] == "mean of image metrics over 2 of 3 categories (image metrics undefined for screw)"
+    assert format_markdown(table).splitlines()[-1] == text.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            np.random.default_rng(0).bytes(3000),
+            r"metrics\.csv: not a UTF-8 text CSV \(byte 0x[0-9a-f]{2} at offset \d+\)",
+        ),
+        (
+            'category,image_auroc\nbottle,0.5\nscrew,"0.7\nzipper,0.9\n' + "x," * 500,
+            r"metrics\.csv line 3: unbalanced quote",
+        ),
+        (
+            "category,image_auroc\nbottle,0.5\nscrew,high\n",
+            r"metrics\.csv line 3: image_auroc = 'high' is not a number",
+        ),
+        ("category,image_auroc\nbottle,0.5,0.7\n", r"metrics\.csv line 2: 3 fields, the header has 2"),
+        ("name," + "x" * 3000 + "\n", r"metrics\.csv line 1: not a metrics table \(header 'name,xxx"),
+    ],
+)
+def test_bad_metrics_csv_is_one_short_line(tmp_path, content, message):
+    from vlmad.data import DataError
+
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=message) as info:
+        read_csv(path)
+    assert len(str(info.value).splitlines()) == 1 and len(str(info.value)) < 200 + len(str(path))
+
+
+def test_report_lists_a_run_with_an_unreadable_metrics_csv_as_failed(tmp_path):
+    from vlmad.report import collect
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for run_dir in (good, bad):
+        run_dir.mkdir()
+        (run_dir / "run.json").write_text('{"status": "done", "overrides": []}')
+    write_csv(good / "metrics.csv", summarise({"bottle": dict.fromkeys(METRIC_NAMES, 0.5)}))
+    (bad / "metrics.csv").write_bytes(np.random.default_rng(1).bytes(3000))
+    done, failed = collect(tmp_path)
+    assert [r["dir"] for r in done] == ["good"] and done[0]["rows"]["mean"]["image_auroc"] == 0.5
+    assert [r["dir"] for r in failed] == ["bad"]
+    assert (
+        failed[0]["reason"].startswith("done: unreadable metrics.csv: ")
+        and "not a UTF-8 text CSV" in failed[0]["reason"]
+    )

@@ -52,14 +52,14 @@ class Folder(Reader):
         self.root = existing_root(root)
         self.mask_threshold = check_threshold(mask_threshold)
         self.class_names = dict(class_names or {})
-        self._rows: list[dict[str, str]] | None = None
+        self._rows: list[tuple[int, dict[str, str]]] | None = None
         if manifest is None:
             available = tree_categories(self.root)
             self.manifest_path = None
         else:
             self.manifest_path = self.root / manifest
             self._rows = read_csv(self.manifest_path, MANIFEST_COLUMNS)
-            available = sorted({r["category"] for r in self._rows})
+            available = sorted({r["category"] for _, r in self._rows})
         self.categories = select_categories(available, categories, self.manifest_path or self.root)
 
     def records(self, category: str, split: str) -> list[Record]:
@@ -73,7 +73,7 @@ class Folder(Reader):
         assert self.manifest_path is not None and self._rows is not None
         base = self.manifest_path.parent
         records, problems = [], []
-        for line, row in enumerate(self._rows, start=2):
+        for line, row in self._rows:
             if row["category"] != category or row["split"] != split:
                 continue
             where = f"{self.manifest_path} line {line}"

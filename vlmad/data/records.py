@@ -174,8 +174,8 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str,
     header = [h.strip() for h in lines[0][1]]
     missing = [c for c in required if c not in header]
     if missing:
-        shown = short(",".join(header), 120)
-        raise DataError(f"{path} line 1: header {shown} lacks columns {missing} (expected {list(required)})")
+        shown, expected = short(",".join(header)), ",".join(required)
+        raise DataError(f"{path} line 1: header {shown} lacks columns {','.join(missing)} (expected {expected})")
     return [(line, {h: (f[i].strip() if i < len(f) else "") for i, h in enumerate(header)}) for line, f in lines[1:]]
 
 

@@ -51,15 +51,14 @@ class VisA(Reader):
         self.mask_threshold = check_threshold(mask_threshold)
         self.csv_path = self.root / split_csv
         self._rows = read_csv(self.csv_path, VISA_COLUMNS)
-        self.categories = select_categories(sorted({r["object"] for r in self._rows}), categories, self.csv_path)
+        self.categories = select_categories(sorted({r["object"] for _, r in self._rows}), categories, self.csv_path)
         self.class_names = dict(class_names or {})
 
     def records(self, category: str, split: str) -> list[Record]:
         """Index one object's split, in CSV order."""
         self._check(category, split)
         records, problems = [], []
-        # Row numbers count the header as line 1, as an editor shows them.
-        for line, row in enumerate(self._rows, start=2):
+        for line, row in self._rows:
             if row["object"] != category or row["split"] != split:
                 continue
             where = f"{self.csv_path} line {line}"

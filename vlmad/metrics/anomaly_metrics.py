@@ -25,6 +25,10 @@ METRIC_NAMES: list[str] = [
 _NAN = float("nan")
 
 
+class UndefinedMetricWarning(UserWarning):
+    """A metric is undefined for a category (one class only) and left out of the mean."""
+
+
 @contextlib.contextmanager
 def _float64_counts() -> Iterator[None]:
     """Make torchmetrics' exact curves count TP/FP in float64.
@@ -136,33 +140,45 @@ class AnomalyMetrics:
             self._maps.append(anomaly_map.to("cpu", torch.float32))
             self._masks.append(mask.detach().to("cpu") != 0)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, category: str | None = None) -> dict[str, float]:
         """Metrics of everything accumulated since the last `reset()`.
 
+        Args:
+            category: name used in the warnings for undefined metrics.
+
         Returns:
-            Fractions keyed by `METRIC_NAMES` (+ `pixel_aupro_legacy`); NaN with a warning where undefined.
+            Fractions keyed by `METRIC_NAMES` (+ `pixel_aupro_legacy`); NaN with an `UndefinedMetricWarning`
+            where undefined (a category with only normal or only defective images).
         """
+        where = f" for category {category!r}" if category is not None else ""
         results = dict.fromkeys(METRIC_NAMES, _NAN)
         if self.legacy_aupro:
             results["pixel_aupro_legacy"] = _NAN
         if self._scores:
             scores, labels = torch.cat(self._scores), torch.cat(self._labels)
             if labels.min() == labels.max():
-                warnings.warn("image metrics undefined: only one class of images in this category", stacklevel=2)
+                kind = "defective" if int(labels[0]) else "normal"
+                warnings.warn(
+                    f"image metrics undefined{where}: all {labels.numel()} images are {kind}; "
+                    "the category is left out of the image-metric mean",
+                    UndefinedMetricWarning,
+                    stacklevel=2,
+                )
             else:
                 auroc, ap, f1 = binary_curve_metrics(scores, labels)
                 results.update(image_auroc=auroc, image_ap=ap, image_f1max=f1)
         if self.compute_pixel:
-            results.update(self._compute_pixel())
+            results.update(self._compute_pixel(where))
         return results
 
-    def _compute_pixel(self) -> dict[str, float]:
+    def _compute_pixel(self, where: str) -> dict[str, float]:
         if not self._maps:
-            warnings.warn("pixel metrics undefined: no images with masks", stacklevel=3)
+            warnings.warn(f"pixel metrics undefined{where}: no images with masks", UndefinedMetricWarning, stacklevel=3)
             return {}
         num_anomalous = sum(int(m.sum()) for m in self._masks)
         if num_anomalous == 0 or num_anomalous == sum(m.numel() for m in self._masks):
-            warnings.warn("pixel metrics undefined: no anomalous or no normal pixels", stacklevel=3)
+            kind = "anomalous" if num_anomalous == 0 else "normal"
+            warnings.warn(f"pixel metrics undefined{where}: no {kind} pixels", UndefinedMetricWarning, stacklevel=3)
             return {}
         # One shared sort for the pooled pixels (maps may differ in size between batches).
         results = pixel_metrics(self._maps, self._masks)

@@ -6,13 +6,57 @@ import csv
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from vlmad.metrics.anomaly_metrics import METRIC_NAMES
+from vlmad.data.records import DataError, csv_lines, short
+from vlmad.metrics.anomaly_metrics import METRIC_NAMES, UndefinedMetricWarning
 
 MEAN_ROW = "mean"
+# Trailing metrics.csv columns: how many categories a row's image / pixel metrics average (a category row: 1,
+# or 0 where they are undefined; the mean row: the sum). Derived from the values, so `read_csv` drops them.
+COUNT_COLUMNS = {"n_categories_image": "image_", "n_categories_pixel": "pixel_"}
+
+
+def _defined(values: dict[str, float], prefix: str) -> bool:
+    """Whether any metric of the family (``image_`` / ``pixel_``) has a value in this row."""
+    return any(k.startswith(prefix) and not math.isnan(v) for k, v in values.items())
+
+
+def category_counts(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, int]]:
+    """Per row, the number of categories its image and pixel metrics average (keys of ``COUNT_COLUMNS``).
+
+    Args:
+        rows: {category: {metric: fraction}}, optionally with the `mean` row.
+
+    Returns:
+        {row: {count column: n}}: 1 or 0 for a category, the sum over categories for `mean`.
+    """
+    counts = {
+        name: {col: int(_defined(values, prefix)) for col, prefix in COUNT_COLUMNS.items()}
+        for name, values in rows.items()
+        if name != MEAN_ROW
+    }
+    if MEAN_ROW in rows:
+        counts[MEAN_ROW] = {col: sum(c[col] for c in counts.values()) for col in COUNT_COLUMNS}
+    return counts
+
+
+def coverage_notes(rows: dict[str, dict[str, float]]) -> list[str]:
+    """One line per metric family the `mean` row averages over fewer than all categories (empty if none)."""
+    categories = [c for c in rows if c != MEAN_ROW]
+    notes = []
+    for prefix in COUNT_COLUMNS.values():
+        missing = [c for c in categories if not _defined(rows[c], prefix)]
+        if missing and len(missing) < len(categories):
+            family = prefix.rstrip("_")
+            notes.append(
+                f"mean of {family} metrics over {len(categories) - len(missing)} of {len(categories)} categories "
+                f"({family} metrics undefined for {', '.join(missing)})"
+            )
+    return notes
 
 
 def _columns(rows: dict[str, dict[str, float]]) -> list[str]:
@@ -35,7 +79,8 @@ def summarise(per_category: dict[str, dict[str, float]]) -> dict[str, dict[str, 
         per_category: {category: {metric: fraction}}.
 
     Returns:
-        A copy with the `mean` row appended (an existing `mean` row is replaced).
+        A copy with the `mean` row appended (an existing `mean` row is replaced). Categories whose image or
+        pixel metrics are all undefined are named in an ``UndefinedMetricWarning``.
     """
     categories = {c: dict(v) for c, v in per_category.items() if c != MEAN_ROW}
     mean: dict[str, float] = {}
@@ -43,6 +88,8 @@ def summarise(per_category: dict[str, dict[str, float]]) -> dict[str, dict[str, 
         values = np.array([v.get(column, math.nan) for v in categories.values()], dtype=np.float64)
         finite = values[~np.isnan(values)]
         mean[column] = float(finite.mean()) if finite.size else math.nan
+    for note in coverage_notes({**categories, MEAN_ROW: mean}):
+        warnings.warn(note, UndefinedMetricWarning, stacklevel=2)
     return {**categories, MEAN_ROW: mean}
 
 
@@ -75,7 +122,7 @@ def format_table(rows: dict[str, dict[str, float]], title: str | None = None) ->
         if name == MEAN_ROW and len(names) > 1:
             out.append("-" * len(header))
         out.append(line([name, *(_percent(rows[name].get(c)) for c in columns)]))
-    return "\n".join(out)
+    return "\n".join(out + coverage_notes(rows))
 
 
 def format_markdown(rows: dict[str, dict[str, float]], title: str | None = None) -> str:
@@ -95,11 +142,15 @@ def format_markdown(rows: dict[str, dict[str, float]], title: str | None = None)
         cells = [_percent(rows[name].get(c)) for c in columns]
         label = f"**{name}**" if name == MEAN_ROW else name
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    notes = coverage_notes(rows)
+    return "\n".join(out + (["", *notes] if notes else []))
 
 
 def write_csv(path: str | os.PathLike, rows: dict[str, dict[str, float]]) -> None:
     """Write fractions (not percent), one row per category, `mean` last; NaN as "nan"; atomic replace.
+
+    The metric columns come first (``METRIC_NAMES``, then extras); the integer ``COUNT_COLUMNS`` follow,
+    so the `mean` row says how many categories each family of metrics averages.
 
     Args:
         path: destination file; parent folders are created.
@@ -108,14 +159,16 @@ def write_csv(path: str | os.PathLike, rows: dict[str, dict[str, float]]) -> Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = _columns(rows)
+    counts = category_counts(rows)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["category", *columns])
+            writer.writerow(["category", *columns, *COUNT_COLUMNS])
             for name in _ordered(rows):
-                values = (rows[name].get(c, math.nan) for c in columns)
-                writer.writerow([name, *("nan" if math.isnan(v) else repr(float(v)) for v in values)])
+                values = [rows[name].get(c, math.nan) for c in columns]
+                cells = ["nan" if math.isnan(v) else repr(float(v)) for v in values]
+                writer.writerow([name, *cells, *(counts[name][c] for c in COUNT_COLUMNS)])
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -123,13 +176,31 @@ def write_csv(path: str | os.PathLike, rows: dict[str, dict[str, float]]) -> Non
 
 
 def read_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """Read a table written by `write_csv`.
+    """Read a table written by `write_csv` (the derived ``COUNT_COLUMNS`` are dropped).
 
     Args:
         path: a `metrics.csv`.
 
     Returns:
         {category: {metric: fraction}} in file order.
+
+    Raises:
+        DataError: not such a table; one line naming the file, the line and the problem.
     """
-    with open(path, newline="") as handle:
-        return {row.pop("category"): {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)}
+    path = Path(path)
+    lines = csv_lines(path)
+    header = lines[0][1] if lines else []
+    if header[:1] != ["category"]:
+        raise DataError(f"{path} line 1: not a metrics table (header {short(','.join(header))} lacks 'category' first)")
+    rows: dict[str, dict[str, float]] = {}
+    for line, fields in lines[1:]:
+        if len(fields) != len(header):
+            raise DataError(f"{path} line {line}: {len(fields)} fields, the header has {len(header)}")
+        values = {}
+        for column, cell in zip(header[1:], fields[1:], strict=True):
+            try:
+                values[column] = float(cell)
+            except ValueError:
+                raise DataError(f"{path} line {line}: {column} = {short(cell)} is not a number") from None
+        rows[fields[0]] = {k: v for k, v in values.items() if k not in COUNT_COLUMNS}
+    return rows
