@@ -4,17 +4,25 @@ The protocols of AnomalyCLIP and APRIL-GAN train with a frozen image encoder and
 image side of every auxiliary sample is the same in every epoch. ``FeatureCache.fetch`` returns
 ``method.encode_images`` outputs per sample, computing only the ones it has not seen. Entries are keyed by
 a hash of the method's frozen-side settings (backbone, weights, input size, tapped layers, ...) and of the
-preprocessed image tensor itself (content and preprocessing), so a changed file, size or layer list can
-never hit a stale entry. ``storage="disk"`` writes one file per sample atomically, which is safe for
-concurrent jobs (same key = same content).
+preprocessed image tensor itself (content, shape and preprocessing), so a changed file, size or layer list
+can never hit a stale entry.
+
+``storage="disk"`` writes one file per sample. Each file holds its own key, checked on load, so a truncated,
+corrupt or swapped file is reported by name and recomputed instead of crashing or being used silently.
+Files are written to a temporary name unique to the process and thread, then renamed over the target
+(atomic on POSIX): jobs sharing a directory never read a partial file, and two writers of one key write the
+same content. A directory that cannot be written is reported once and the run continues without storing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
+import uuid
 from pathlib import Path
 
 import torch
@@ -27,6 +35,49 @@ def method_signature(method: torch.nn.Module) -> str:
     """Hash of everything that determines a method's frozen image features."""
     parts = {"method": method.feature_signature(), "backbone": method.backbone.signature()}
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_entry(path: Path, key: str, value: object) -> None:
+    """Write ``{"key": key, "value": value}`` to ``path`` atomically (temporary file + rename).
+
+    The temporary name is unique per host process and thread (pid, thread id, random suffix) and does not
+    end in ``.pt``, so concurrent writers never share it and readers never open it.
+
+    Raises:
+        OSError: the directory cannot be created or written (the temporary file is removed).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "value": value}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_entry(path: Path, key: str, what: str = "cache entry") -> object | None:
+    """The value stored under ``key`` in ``path``; None if the file is missing or not a valid entry for ``key``.
+
+    A bad file (unreadable, truncated, another key's entry, an old format) is reported in one warning line
+    naming the file; the caller recomputes the value and overwrites it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+    else:
+        if not isinstance(entry, dict) or set(entry) != {"key", "value"}:
+            problem = "not a vlmad cache entry (old format or foreign file)"
+        elif entry["key"] != key:
+            problem = f"holds the entry of another key ({entry['key']!r}, expected {key!r})"
+        else:
+            return entry["value"]
+    log.warning("%s %s: %s; recomputing it", what, path, problem)
+    return None
 
 
 class FeatureCache:
@@ -44,6 +95,7 @@ class FeatureCache:
             raise ValueError("a disk feature cache needs a directory")
         self.storage = storage
         self.directory = Path(directory) if directory else None
+        self.writable = True  # set False (with one warning) on the first failed write
         self._memory: dict[str, dict[str, Tensor]] = {}
         self._signatures: dict[int, str] = {}
         self.hits = self.misses = self.bytes = 0
@@ -56,25 +108,32 @@ class FeatureCache:
         return cls("memory") if setting == "memory" else cls("disk", setting)
 
     def _key(self, signature: str, image: Tensor) -> str:
-        digest = hashlib.sha1(image.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-        return f"{signature}/{digest}"
+        pixels = image.detach().float().cpu().contiguous()
+        digest = hashlib.sha1(repr(tuple(pixels.shape)).encode())  # same bytes, other shape: other key
+        digest.update(pixels.numpy().tobytes())
+        return f"{signature}/{digest.hexdigest()}"
 
     def _load(self, key: str) -> dict[str, Tensor] | None:
         if self.storage == "memory":
             return self._memory.get(key)
-        path = self.directory / f"{key}.pt"
-        return torch.load(path, weights_only=True) if path.is_file() else None
+        entry = load_entry(self.directory / f"{key}.pt", key, "feature cache entry")
+        valid = isinstance(entry, dict) and all(isinstance(v, Tensor) for v in entry.values())
+        return entry if valid else None
 
     def _store(self, key: str, entry: dict[str, Tensor]) -> None:
-        self.bytes += sum(t.numel() * t.element_size() for t in entry.values())
         if self.storage == "memory":
             self._memory[key] = entry
+        elif self.writable:
+            try:
+                save_entry(self.directory / f"{key}.pt", key, entry)
+            except OSError as err:
+                self.writable = False
+                log.warning("feature cache %s is not writable (%s): continuing without storing features",
+                            self.directory, err)  # fmt: skip
+                return
+        else:
             return
-        path = self.directory / f"{key}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(entry, tmp)
-        os.replace(tmp, path)
+        self.bytes += sum(t.numel() * t.element_size() for t in entry.values())
 
     @torch.no_grad()
     def fetch(self, method: torch.nn.Module, images: Tensor) -> dict[str, Tensor]:

@@ -6,7 +6,7 @@ Sentences are built state-major, ``template.format(state.format(name))``, as in 
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmad.backbones import ClipBackbone
+from vlmad.cache import load_entry, save_entry
+
+log = logging.getLogger(__name__)
 
 NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage"]  # fmt: skip
@@ -140,15 +143,18 @@ class TextFeatureCache:
         if key in self._store:
             return self._store[key]
         path = self.directory / f"{key}.pt" if self.directory else None
-        if path is not None and path.is_file():
-            feats = torch.load(path, weights_only=True).to(backbone.device)
+        feats = load_entry(path, raw, "text-feature cache entry") if path is not None else None
+        if isinstance(feats, Tensor):
+            feats = feats.to(backbone.device)
         else:
             feats = ensemble_text_features(backbone, prompts, name, normalize_prompts, renormalize)
             self.encoded += 1
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                torch.save(feats.cpu(), tmp)
-                os.replace(tmp, path)
+                try:
+                    save_entry(path, raw, feats.cpu())
+                except OSError as err:  # e.g. a read-only shared cache: keep the prototypes in memory only
+                    log.warning("text-feature cache %s is not writable (%s): keeping prototypes in memory",
+                                self.directory, err)  # fmt: skip
+                    self.directory = None
         self._store[key] = feats
         return feats
