@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Iterable
 from datetime import datetime
@@ -101,6 +102,8 @@ def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, A
         "overrides": overrides,
         "output_dir": str(cfg.paths.output_dir),
         "time": datetime.now().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
         **extra,
     }
 

@@ -106,3 +106,19 @@ def test_train_multirun_over_methods(roots, tmp_path):
         ("AnomalyCLIP", "Synthetic[visa]", "Synthetic[mvtec]"),
         ("AprilGAN", "Synthetic[visa]", "Synthetic[mvtec]"),
     }
+
+
+def test_local_launcher_runs_jobs_in_parallel_processes(roots, tmp_path, capsys):
+    """hydra/launcher=local (submitit): 2 jobs as their own processes; both write outputs; the report aggregates."""
+    sweep = tmp_path / "sweep"
+    data = ["data=synthetic", f"data.root={roots['mvtec']}", *_data("data", "mvtec")]
+    proc = _multirun("evaluate.py", "hydra/launcher=local", "method=winclip", "seed=0,1", *data,
+                     f"hydra.sweep.dir={sweep}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
+    assert len(jobs) == 2
+    pids = {json.loads((d / "run.json").read_text())["pid"] for d in jobs}
+    assert len(pids) == 2 and os.getpid() not in pids  # each job ran in a process of its own
+    assert list(sweep.glob(".submitit/*"))  # submitit's job folders: the launcher really was submitit
+    rows = report_main([str(sweep)])["rows"]
+    assert len(rows) == 1 and rows[0]["n"] == 2 and rows[0]["seeds"] == "0 1"
