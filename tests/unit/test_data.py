@@ -463,3 +463,33 @@ def test_csv_line_numbers_count_blank_lines_and_long_values_are_cut(tmp_path):
     with pytest.raises(DataError, match=r"1cls\.csv line 4: unknown label 'normalnormal.*\(3000 characters\)") as info:
         VisA(_visa_with_csv(tmp_path, content)).records("c", "train")
     assert len(str(info.value)) < 250 + len(str(tmp_path))
+
+
+# --- Folder layouts (stretch) -------------------------------------------------------------------
+
+
+def test_folder_single_product_root(tmp_path):
+    product = _folder_tree(tmp_path / "tree") / "widget"
+    reader = Folder(product)  # train/, test/, ground_truth/ directly inside
+    assert reader.categories == ["widget"] and reader.single_product
+    test = reader.records("widget", "test")
+    assert [(r.image.name, r.label, r.mask is not None) for r in test] == [
+        ("e.png", 1, False),
+        ("c.png", 0, False),
+        ("d.bmp", 1, True),
+    ]
+    assert all(r.category == "widget" for r in test)
+    assert len(reader.records("widget", "train")) == 2
+    assert AnomalyDataModule(reader, image_size=24).test_dataset("widget")[2]["mask"].sum() > 0
+
+
+def test_folder_unrecognised_layout_lists_the_accepted_ones(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError) as info:
+        Folder(tmp_path)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert f"no dataset layout recognised in {tmp_path} (it holds images/, notes.txt)" in message
+    assert "<root>/<category>/train|test/..." in message and "<root>/train|test/..." in message
+    assert "data.manifest=<csv>" in message

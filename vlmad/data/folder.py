@@ -7,6 +7,7 @@ from pathlib import Path
 from vlmad.data.mvtec import read_tree, tree_categories
 from vlmad.data.records import (
     IMAGE_EXTS,
+    SPLITS,
     DataError,
     Reader,
     Record,
@@ -21,14 +22,26 @@ from vlmad.data.records import (
 MANIFEST_COLUMNS = ("category", "split", "label", "image")
 
 
+def unrecognised_layout(root: Path) -> str:
+    """One-line error for a ``root`` in none of the accepted layouts, naming what is there and what is accepted."""
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "") if found else "nothing"
+    return (
+        f"no dataset layout recognised in {root} (it holds {shown}); accepted: <root>/<category>/train|test/... "
+        "(several products), <root>/train|test/... (one product), or data.manifest=<csv> with columns "
+        f"{','.join(MANIFEST_COLUMNS)}[,mask]"
+    )
+
+
 class Folder(Reader):
     """A user's dataset, as an MVTec-style tree (any common image extension) or a manifest CSV.
 
     Tree: ``<root>/<category>/train/good``, ``test/good``, ``test/<defect>``, optional
-    ``ground_truth/<defect>/<stem>_mask.<ext>``. Manifest: columns ``category,split,label,image`` plus
-    optional ``mask`` and ``defect_type``; paths relative to the CSV's folder. An anomalous image
-    without a mask is classification-only (``Record.mask`` None): it counts for image metrics only,
-    rather than getting an all-zero mask that would corrupt pixel metrics.
+    ``ground_truth/<defect>/<stem>_mask.<ext>``; or a single product with ``train/``, ``test/`` and
+    ``ground_truth/`` directly in ``root`` (its category is named after ``root``). Manifest: columns
+    ``category,split,label,image`` plus optional ``mask`` and ``defect_type``; paths relative to the CSV's
+    folder. An anomalous image without a mask is classification-only (``Record.mask`` None): it counts for
+    image metrics only, rather than getting an all-zero mask that would corrupt pixel metrics.
 
     Args:
         root: dataset root.
@@ -53,9 +66,12 @@ class Folder(Reader):
         self.mask_threshold = check_threshold(mask_threshold)
         self.class_names = dict(class_names or {})
         self._rows: list[tuple[int, dict[str, str]]] | None = None
+        self.single_product = manifest is None and any((self.root / s).is_dir() for s in SPLITS)
         if manifest is None:
-            available = tree_categories(self.root)
+            available = [self.root.name] if self.single_product else tree_categories(self.root)
             self.manifest_path = None
+            if not available:
+                raise DataError(unrecognised_layout(self.root))
         else:
             self.manifest_path = self.root / manifest
             self._rows = read_csv(self.manifest_path, MANIFEST_COLUMNS)
@@ -66,7 +82,8 @@ class Folder(Reader):
         """Index one category's split."""
         self._check(category, split)
         if self._rows is None:
-            return read_tree(self.root / category, split, mask_exts=IMAGE_EXTS, mask_required=False)
+            category_dir = self.root if self.single_product else self.root / category
+            return read_tree(category_dir, split, mask_exts=IMAGE_EXTS, mask_required=False)
         return self._manifest_records(category, split)
 
     def _manifest_records(self, category: str, split: str) -> list[Record]:
