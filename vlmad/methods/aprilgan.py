@@ -293,7 +293,8 @@ class AprilGAN(AnomalyMethod):
         if mode == "fusion" and self.transductive:
             raise RuntimeError(
                 "image_fusion='transductive_minmax' normalises over all test images of a category; it cannot "
-                "score a batch: accumulate every batch of the category, then score_accumulated (vlmad.module does)."
+                "score a batch: accumulate every batch of the category, then score_accumulated (vlmad.module does), "
+                "or call fuse_scores_minmax on the whole category's text probabilities and map maxima."
             )
         amap, text_score, map_max = self._batch_parts(images, class_names, features)
         score = {"text": text_score, "map_max": map_max, "fusion": 0.5 * (text_score + map_max)}[mode]
