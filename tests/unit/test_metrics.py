@@ -1,13 +1,15 @@
 """Metrics: golden-fixture parity, hand-computed AUPRO, sklearn cross-checks, accumulator and tables."""
 
+import importlib.util
 import math
-import os
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from parity.reference import fixture_files  # tests/ is on sys.path (rootdir conftest, pytest's prepend mode)
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
@@ -27,8 +29,9 @@ from vlmad.metrics import (
     write_csv,
 )
 
-FIXTURE_DIR = Path(os.environ.get("VLMAD_REFERENCE_FIXTURES", Path(__file__).parents[1] / "fixtures")) / "metrics"
-FIXTURE_FILES = sorted(FIXTURE_DIR.glob("*.pt"))
+# The method parity tests' locator ($VLMAD_REFERENCE_FIXTURES, else tests/fixtures): a folder without metrics/*.pt
+# fails collection loudly instead of leaving the parametrised parity tests silently skipped.
+FIXTURE_FILES = fixture_files("metrics")
 CASES = ["continuous", "ties"]
 # fixture name -> AnomalyMetrics key
 ACCUMULATED_KEYS = {
@@ -84,7 +87,15 @@ def _accumulated_metrics(data: dict, case: str) -> dict[str, float]:
 
 
 def test_fixtures_present():
-    assert FIXTURE_FILES, f"no metric fixtures in {FIXTURE_DIR}"
+    assert FIXTURE_FILES, "no metric fixtures"
+
+
+def test_missing_metric_fixtures_fail_instead_of_skipping(tmp_path, monkeypatch):
+    (tmp_path / "winclip").mkdir()  # a fixture folder, but without metrics/
+    monkeypatch.setenv("VLMAD_REFERENCE_FIXTURES", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("test_metrics_elsewhere", __file__)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no *.pt fixtures in {tmp_path / 'metrics'}")):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # what collecting this file does
 
 
 @pytest.mark.parity
@@ -98,15 +109,13 @@ def test_parity_with_golden_fixture(path, case):
     ours = _fixture_metrics(data, case)
     assert set(expected) <= set(ours), f"unhandled expected keys {set(expected) - set(ours)}"
     for name, value in expected.items():
-        tol = 1e-4 if "legacy_anomalyclip" in name else 1e-6
-        assert ours[name] == pytest.approx(value, abs=tol), name
+        assert ours[name] == pytest.approx(value, abs=1e-6), name  # legacy AUPRO too: measured |Δ| = 0
     # Official AUPRO is float64 end to end: far tighter than the 1e-4 asked.
     assert ours["aupro"] == pytest.approx(expected["aupro"], abs=1e-9)
     # End to end through the accumulator (float32 storage, batches of 3).
     accumulated = _accumulated_metrics(data, case)
     for name, key in ACCUMULATED_KEYS.items():
-        tol = 1e-4 if "legacy" in key else 1e-6
-        assert accumulated[key] == pytest.approx(expected[name], abs=tol), key
+        assert accumulated[key] == pytest.approx(expected[name], abs=1e-6), key
 
 
 @pytest.mark.parity
