@@ -1,6 +1,9 @@
-"""A k-shot sweep with the disk feature cache encodes each test image once and reports the same numbers."""
+"""Disk feature cache end to end: a k-shot sweep encodes each test image once; an unwritable cache runs uncached
+with a warning; both report the same numbers as no cache."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -33,3 +36,18 @@ def test_disk_cache_encodes_test_images_once_with_identical_results(make_cfg, co
         for category, row in a.items():
             for name, value in row.items():
                 assert b[category][name] == pytest.approx(value, abs=1e-6), (category, name)
+
+
+def test_unwritable_cache_directory_warns_once_and_reports_the_same_numbers(make_cfg, tmp_path, caplog):
+    (tmp_path / "a_file").write_text("x")
+    unwritable = tmp_path / "a_file" / "cache"  # NotADirectoryError on every write (chmod cannot stop root)
+    args = ["method=winclip", "method.k_shot=1", "seed=0"]
+    plain, _ = evaluate(make_cfg("evaluate", *args))
+    caplog.set_level(logging.WARNING)
+    cached, objects = evaluate(make_cfg("evaluate", *args, f"module.feature_cache={unwritable}"))
+    warnings = [r.getMessage() for r in caplog.records if "not writable" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # one for the feature cache, one for the text prototypes under it
+    assert objects["module"].feature_cache.misses > 0 and not (tmp_path / "a_file").is_dir()
+    for category, row in plain.items():
+        for name, value in row.items():
+            assert cached[category][name] == pytest.approx(value, abs=1e-6), (category, name)
