@@ -116,7 +116,7 @@ class AnomalyModule(L.LightningModule):
 
     def _close_category(self) -> None:
         self._score_transductive()
-        self.results[self._category] = self.metrics.compute()
+        self.results[self._category] = self.metrics.compute(self._category)
         self.metrics.reset()
         if self.output_dir is not None:  # finished categories survive a later failure
             write_csv(self.output_dir / "metrics.csv", self.results)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vlmad.config  # noqa: F401  (registers the fresh_dir resolver that conf/hydra uses)
 from vlmad.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
+from vlmad.data import validate_data
 from vlmad.errors import ConfigError, one_line
 from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.metrics.table import format_table, write_csv
@@ -54,6 +55,8 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     test_set = instantiate(cfg.test_data if fit else cfg.data)
     fit_set = instantiate(cfg.data) if fit else None
+    # every image opens, masks fit, enough normal images for k: all problems in one error, before any scoring
+    validate_data(test_set, int(cfg.method.get("k_shot", 0)), fit_set, cfg.datamodule.get("fit_split", "test"))
     backbone = instantiate(cfg.backbone)
     method = instantiate(cfg.method, backbone=backbone)
     module = instantiate(cfg.module, method=method)

@@ -134,3 +134,28 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     debug = _entry("evaluate.py", "backbone=tiny", "data=mvtec", f"data.root={missing}", out + "2",
                    env={"VLMAD_DEBUG": "1"})  # fmt: skip
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_damaged_data_is_reported_at_once_before_the_backbone(make_cfg, synthetic_roots, tmp_path, monkeypatch):
+    """A corrupt image in the last category and a wrong-size mask: one DataError naming both, nothing scored."""
+    import shutil
+
+    from PIL import Image
+
+    from vlmad.backbones import ClipBackbone
+    from vlmad.data import DataError
+    from vlmad.run import evaluate
+
+    root = tmp_path / "damaged"
+    shutil.copytree(synthetic_roots["mvtec"], root)
+    corrupt = sorted((root / "bottle_syn" / "test").glob("*/*.png"))[-1]
+    corrupt.write_bytes(b"\x89PNG truncated")
+    mask = sorted((root / "carpet_syn" / "ground_truth").glob("*/*.png"))[0]
+    Image.new("L", (10, 10)).save(mask)
+    built = []
+    monkeypatch.setattr(ClipBackbone, "__init__", lambda *a, **k: built.append(1) or None)
+    cfg = make_cfg("evaluate", "method=winclip", f"data.root={root}")
+    with pytest.raises(DataError) as err:
+        evaluate(cfg)
+    assert str(corrupt) in str(err.value) and str(mask) in str(err.value)
+    assert not built and not (tmp_out(cfg) / "metrics.csv").exists()
