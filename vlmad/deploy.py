@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vlmad.errors import VlmadError  # stdlib-only module
+
 MANIFEST = "vlmad_model.json"
 BACKENDS = ("onnx", "openvino")
 
 
-class DeployError(ValueError):
+class DeployError(VlmadError, ValueError):
     """A bad export folder, image or setting; the message names the file and the problem."""
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 import vlmad
 from vlmad.config import CONF_DIR as CONF
+from vlmad.errors import VlmadError, exit_on_user_error
 from vlmad.methods.anomalyclip import AnomalyCLIP
 from vlmad.methods.aprilgan import AprilGAN
 from vlmad.methods.base import AnomalyMethod
@@ -47,7 +48,7 @@ ONNX_FILE, OPENVINO_FILE = "model.onnx", "model.xml"
 OPSET = 18
 
 
-class ExportError(ValueError):
+class ExportError(VlmadError, ValueError):
     """A method or setting that cannot be exported."""
 
 
@@ -368,6 +369,7 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="export")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Entry point of ``python -m vlmad.export``."""
     export(cfg)

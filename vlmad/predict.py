@@ -4,7 +4,8 @@ Writes into the run directory, per image, ``<stem>_overlay.png`` (image | heatma
 ``<stem>_mask.png`` (0/255 at the pixel threshold), plus ``predictions.csv``, ``threshold.json`` and
 ``skipped.txt`` (unreadable or unsupported files, with the reason). Thresholds come from normal images only:
 given (``threshold.value``), loaded (``threshold.file`` or ``<ckpt_path>.threshold.json``) or calibrated as
-a quantile of the scores of a folder of normal images (``threshold.calibration.dir``).
+a quantile of the scores of a folder of normal images (``threshold.calibration.dir``). ``backend=onnx|openvino
+model=DIR`` scores with a folder written by ``python -m vlmad.export`` (:mod:`vlmad.deploy`) instead of torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,67 @@ def _write_outputs(out: Path, stem: str, image: Tensor, anomaly_map: Tensor, siz
     return overlay_path, mask_path
 
 
+def _torch_scorer(method: AnomalyMethod, class_name: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    def score_batch(images: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode():
+            pred = method(images.to(_device(method)), [class_name] * len(images))
+        return pred.pred_score.float().cpu(), pred.anomaly_map.float().cpu()
+
+    return score_batch
+
+
+def load_exported(cfg: DictConfig) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor]], Preprocess, dict[str, Any]]:
+    """``backend=onnx|openvino``: the export folder ``cfg.model`` scored by :mod:`vlmad.deploy` (no torch model).
+
+    Thresholds: ``threshold.value``, ``threshold.file`` or ``threshold.calibration.dir`` (scored by the export),
+    else the ones stored at export.
+
+    Returns:
+        images (B, 3, S, S) -> (scores (B,), maps (B, S, S)); the export's preprocessing; the thresholds.
+    """
+    from vlmad import deploy
+
+    if cfg.backend not in deploy.BACKENDS or not cfg.get("model"):
+        raise PredictError(f"backend={cfg.backend} needs backend=onnx|openvino and model=<folder written by "
+                           "python -m vlmad.export>")  # fmt: skip
+    model = deploy.load(cfg.model, cfg.backend)
+    preprocess = Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
+
+    def score_batch(images: Tensor) -> tuple[Tensor, Tensor]:
+        scores, maps = model.run(images.numpy())
+        return torch.from_numpy(scores), torch.from_numpy(maps)
+
+    return score_batch, preprocess, _exported_threshold(cfg, model, preprocess)
+
+
+def _exported_threshold(cfg: DictConfig, model: Any, preprocess: Preprocess) -> dict[str, Any]:
+    """:func:`resolve_threshold` for an export (a ``vlmad.deploy.DeployedModel``); its stored ones last."""
+    from vlmad import deploy
+
+    t, info = cfg.threshold, model.info
+    sources = {"value": t.value, "file": t.file, "calibration.dir": t.calibration.dir}
+    given = [k for k, v in sources.items() if v is not None]
+    if len(given) > 1:
+        raise PredictError(f"give only one threshold source, got threshold.{' and threshold.'.join(given)}")
+    meta = {"method": info["method"], "backbone": info["backbone"]["model_name"], "class_name": info["class_name"],
+            "k_shot": info["k_shot"], "model": str(Path(cfg.model).resolve())}  # fmt: skip
+    if t.value is not None:
+        pixel = t.value if t.pixel_value is None else t.pixel_value
+        return {"image_threshold": float(t.value), "pixel_threshold": float(pixel), **meta, "source": "value"}
+    if t.file is not None:
+        return {**meta, **_read_threshold(t.file), "file": str(t.file)}
+    if t.calibration.dir is not None:
+        paths, skipped = list_inputs(t.calibration.dir)
+        exclude = {Path(p).resolve() for p in info.get("references", [])}  # the memory scores ~0 against itself
+        paths = [p for p in paths if p.resolve() not in exclude]
+        batches = (b.numpy() for _, _, b in load_batches(paths, preprocess, cfg.batch_size, skipped))
+        data = deploy.calibrate(model, batches, float(t.calibration.quantile))
+        return {**data, **meta, "source": str(Path(t.calibration.dir).resolve())}
+    if model.thresholds is None:
+        raise PredictError(f"{cfg.model} was exported without thresholds; {NO_THRESHOLD}")
+    return {**model.thresholds, "file": str(Path(cfg.model) / deploy.MANIFEST)}
+
+
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Score ``cfg.input`` and write overlays, masks, predictions.csv, threshold.json, skipped.txt.
 
@@ -275,14 +337,18 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     paths, skipped = list_inputs(cfg.input)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    method, preprocess = build_method(cfg)
-    references, ref_paths = None, []
-    if method.k_shot > 0:
-        references, ref_paths = load_references(cfg, preprocess)
-        references = references.to(_device(method))
-        (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
-    method.prepare(cfg.class_name, references)
-    threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
+    if cfg.get("backend", "torch") != "torch":
+        score_batch, preprocess, threshold = load_exported(cfg)
+    else:
+        method, preprocess = build_method(cfg)
+        references, ref_paths = None, []
+        if method.k_shot > 0:
+            references, ref_paths = load_references(cfg, preprocess)
+            references = references.to(_device(method))
+            (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
+        method.prepare(cfg.class_name, references)
+        threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
+        score_batch = _torch_scorer(method, cfg.class_name)
     _write_json_atomic(out / "threshold.json", threshold)
     image_t, pixel_t = float(threshold["image_threshold"]), float(threshold["pixel_threshold"])
     rows: list[dict[str, Any]] = []
@@ -291,9 +357,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         writer = csv.writer(table)
         writer.writerow(["path", "score", "is_anomalous", "threshold"])
         for batch_paths, sizes, images in load_batches(paths, preprocess, cfg.batch_size, skipped):
-            with torch.inference_mode():
-                pred = method(images.to(_device(method)), [cfg.class_name] * len(batch_paths))
-            maps, scores = pred.anomaly_map.float().cpu(), pred.pred_score.float().cpu()
+            scores, maps = score_batch(images)
             for i, path in enumerate(batch_paths):
                 use_score = cfg.threshold.use == "score"
                 score, t = (float(scores[i]), image_t) if use_score else (float(maps[i].max()), pixel_t)
