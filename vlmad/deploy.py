@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from vlmad.errors import VlmadError  # stdlib-only module
+# Both torch-free (numpy + PIL, stdlib): the image reading is the datamodule's own.
+from vlmad.data.imageio import open_rgb, to_rgb
+from vlmad.errors import VlmadError
 
 MANIFEST = "vlmad_model.json"
 BACKENDS = ("onnx", "openvino")
@@ -32,24 +34,24 @@ class DeployError(VlmadError, ValueError):
 
 # ------------------------------------------------------------------ images
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, as ``vlmad.data.load_image`` does; DeployError naming the file if unreadable."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DeployError(f"cannot read image {path}: {err}") from err
+    """Read an image file as 8-bit RGB exactly as the datamodule does (any PIL mode: 16-bit, float, alpha, ...).
+
+    Raises:
+        vlmad.data.imageio.ImageReadError (a ValueError): unreadable file; the message names it.
+    """
+    return open_rgb(path)
 
 
 def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """One image -> (3, S, S) float32 normalised, equal to ``Preprocess(size, mean, std)(image, None)[0]``.
 
     Args:
-        image: PIL image of any size and mode (converted to RGB first).
+        image: PIL image of any size and mode (converted to RGB by the datamodule's rules first).
         size: model input side S.
         mean: per-channel mean in [0, 1] units.
         std: per-channel std.
     """
-    image = image.convert("RGB") if image.mode != "RGB" else image
+    image = to_rgb(image)
     pixels = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0  # (S, S, 3)
     mean_a = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
     std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
