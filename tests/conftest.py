@@ -59,6 +59,7 @@ def make_cfg(tmp_path, synthetic_roots):
             "trainer.accelerator=cpu",
             "trainer.enable_progress_bar=false",
             "datamodule.batch_size=4",
+            "datamodule.num_workers=0",  # tiny images: worker start-up would dominate
             "module.num_overlays=2",
         ]
         if config_name == "train":

@@ -9,6 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+_FRESH: dict[str, str] = {}  # this process's answers: one run folder per run, however often it is resolved
+
+
 def fresh_dir(path: str) -> str:
     """``path``, or ``path-1``, ``path-2``, ...: the first that did not exist, created now.
 
@@ -16,12 +19,15 @@ def fresh_dir(path: str) -> str:
     overwrite) a run folder. Registered as the ``fresh_dir`` resolver with ``use_cache``: a config resolves it
     once, and Hydra copies that cache into every job of a sweep.
     """
+    if path in _FRESH:  # the same run asks again (e.g. a copy of the config without the resolver cache)
+        return _FRESH[path]
     base = Path(path)
     for i in range(100_000):
         candidate = base if i == 0 else base.with_name(f"{base.name}-{i}")
         try:
             candidate.mkdir(parents=True)
-            return str(candidate)
+            _FRESH[path] = str(candidate)
+            return _FRESH[path]
         except FileExistsError:
             continue
     raise RuntimeError(f"no free run folder next to {base}")

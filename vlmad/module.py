@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -118,8 +119,8 @@ class AnomalyModule(L.LightningModule):
         self._score_transductive()
         self.results[self._category] = self.metrics.compute(self._category)
         self.metrics.reset()
-        if self.output_dir is not None:  # finished categories survive a later failure
-            write_csv(self.output_dir / "metrics.csv", self.results)
+        if self._partial_csv() is not None:  # finished categories survive a later failure
+            write_csv(self._partial_csv(), self.results)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score a batch of one category and update that category's metrics."""
@@ -174,10 +175,32 @@ class AnomalyModule(L.LightningModule):
         if self._category is not None:
             self._close_category()
         self._category = None
-        self.results = summarise(self.results)
+        self.results = summarise(self._gather(self.results))
         flat = {f"test/{cat}/{name}": value for cat, row in self.results.items() for name, value in row.items()}
-        if flat:
-            self.log_dict(flat, batch_size=1)
+        if flat:  # every rank holds the same gathered results: no reduction needed
+            self.log_dict(flat, batch_size=1, rank_zero_only=True)
+
+    def _gather(self, results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        """Every rank's finished categories, in the datamodule's category order (one device: unchanged).
+
+        Each rank scored whole categories, so the gathered rows equal a single-device run's exactly.
+        """
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return results
+        parts: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(parts, results)
+        merged = {cat: row for part in parts for cat, row in part.items()}
+        order = self._datamodule.all_categories
+        if self._partial_csv() is not None:
+            self._partial_csv().unlink(missing_ok=True)  # rank files were the crash copy; metrics.csv follows
+        return {cat: merged[cat] for cat in order if cat in merged}
+
+    def _partial_csv(self) -> Path | None:
+        """Where finished categories are written as they finish (one file per rank on several devices)."""
+        if self.output_dir is None:
+            return None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.output_dir / ("metrics.csv" if world == 1 else f"metrics.rank{self.global_rank}.csv")
 
     def _eval_resolution(self, anomaly_map: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         if self.pixel_size == "native" or int(self.pixel_size) == anomaly_map.shape[-1]:

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import vlmad.config  # noqa: F401  (registers the fresh_dir resolver that conf/hydra uses)
@@ -74,6 +75,8 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
 
 
 def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -> None:
+    if rank_zero_only.rank != 0:  # every rank holds the gathered results; rank 0 writes them
+        return
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", results)
@@ -109,11 +112,14 @@ def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> Any:
         out = Path(cfg.paths.output_dir)
-        write_run_json(out, run_info(cfg, status="running"))
+        record = rank_zero_only.rank == 0  # several devices: one process writes the run's files
+        if record:
+            write_run_json(out, run_info(cfg, status="running"))
         try:
             result = fn(cfg)
         except BaseException as err:
-            write_run_json(out, run_info(cfg, status="failed", error=one_line(err)))
+            if record:
+                write_run_json(out, run_info(cfg, status="failed", error=one_line(err)))
             finish_wandb(failed=True)
             raise
         finish_wandb(failed=False)

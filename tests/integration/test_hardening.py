@@ -9,10 +9,15 @@ from vlmad.config import CONF_DIR, fresh_dir
 
 
 def test_fresh_dir_never_reuses_a_folder(tmp_path):
+    from vlmad import config
+
     first = fresh_dir(str(tmp_path / "run"))
+    assert fresh_dir(str(tmp_path / "run")) == first  # the same run resolving again (e.g. a DDP child)
+    config._FRESH.clear()  # another process
     second = fresh_dir(str(tmp_path / "run"))
     assert first != second and second.endswith("run-1")
     (tmp_path / "run" / "metrics.csv").write_text("kept")
+    config._FRESH.clear()
     assert fresh_dir(str(tmp_path / "run")).endswith("run-2")
     assert (tmp_path / "run" / "metrics.csv").read_text() == "kept"
 
@@ -23,11 +28,14 @@ def test_two_runs_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
+    from vlmad import config
+
     monkeypatch.chdir(tmp_path)
     OmegaConf.register_new_resolver("now", lambda fmt: "2026-01-01_00-00-00", replace=True, use_cache=True)
     try:
         dirs = []
         for _ in range(2):
+            config._FRESH.clear()  # each run is a process of its own
             GlobalHydra.instance().clear()
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
                 cfg = compose("evaluate", ["backbone=tiny", "data=synthetic"], return_hydra_config=True)
@@ -80,7 +88,7 @@ def test_evaluate_refuses_the_comparison_experiment(make_cfg):
     from vlmad.errors import ConfigError
     from vlmad.run import evaluate
 
-    with pytest.raises(ConfigError, match="train.py experiment=comparison"):
+    with pytest.raises(ConfigError, match=r"train\.py experiment=comparison"):
         evaluate(make_cfg("evaluate", "experiment=comparison"))
 
 

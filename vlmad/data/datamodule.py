@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
 from vlmad.data.dataset import AnomalyDataset
+from vlmad.data.mosaic import EpochKeySampler, MosaicDataset
 from vlmad.data.records import DataError, Reader, Record
 from vlmad.data.transforms import Preprocess
 from vlmad.data.validate import validate_data
@@ -20,14 +22,18 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """Random order that depends only on (seed, epoch).
+    """Random order that depends only on (seed, epoch); with several devices, this rank's share of it.
 
     Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint sees the same
-    order in its remaining epochs as an uninterrupted run (a plain generator would restart its stream).
+    order in its remaining epochs as an uninterrupted run (a plain generator would restart its stream). With
+    ``world_size`` ranks, rank r takes positions r, r + W, ... of the epoch's permutation (padded by wrapping to
+    equal lengths, as DistributedSampler does), so the ranks' batches of step t together are the 1-device batch
+    of step t at the same global batch size.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.seed, self.epoch = n, int(seed), 0
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of this epoch."""
@@ -35,10 +41,34 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.world_size == 1:
+            return iter(order)
+        order += order[: len(self) * self.world_size - self.n]
+        return iter(order[self.rank :: self.world_size])
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers for ``num_workers: auto``: one core for the main process, at most 8 workers."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def split_categories(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """Whole categories per rank, balanced by image count (largest first to the least loaded rank).
+
+    Categories are never split: a DistributedSampler would pad a category by repeating images, which
+    changes AUROC and AUPRO. Each rank keeps the categories' original order.
+    """
+    load, parts = [0] * world_size, [[] for _ in range(world_size)]
+    for name in sorted(sizes, key=lambda c: (-sizes[c], list(sizes).index(c))):
+        rank = load.index(min(load))
+        parts[rank].append(name)
+        load[rank] += sizes[name]
+    order = list(sizes)
+    return [sorted(part, key=order.index) for part in parts]
 
 
 class AnomalyDataModule(L.LightningDataModule):
@@ -51,7 +81,7 @@ class AnomalyDataModule(L.LightningDataModule):
         mean: normalisation mean (the backbone's).
         std: normalisation std (the backbone's).
         batch_size: batch size of every loader.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers that decode and resize images; ``auto`` = :func:`default_num_workers`.
         mask_resize: "bilinear_threshold" or "nearest" (see ``Preprocess``).
         resize_mode: "squash" or "shorter_side_crop".
         fit_split: split of ``fit_set`` to fit on; "test" (which has masks), as the published
@@ -60,6 +90,10 @@ class AnomalyDataModule(L.LightningDataModule):
         augment: optional albumentations transform, applied to the fit set only.
         seed: seed of the fit loader's shuffling; None takes ``torch.initial_seed()`` (set by
             ``seed_everything``).
+        mosaic_prob: APRIL-GAN's MVTec-AD fit augmentation (reference ``aug_rate`` 0.2): probability that a fit
+            sample becomes a 2x2 mosaic of its category (see ``vlmad.data.mosaic``); 0 = off.
+        references_with_replacement: draw few-shot references with replacement (``torch.randint``, duplicates
+            possible) as APRIL-GAN's reference does; default without replacement.
     """
 
     def __init__(
@@ -70,19 +104,23 @@ class AnomalyDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
         batch_size: int = 8,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         mask_resize: str = "bilinear_threshold",
         resize_mode: str = "squash",
         fit_split: str = "test",
         shuffle: bool = True,
         augment: Any = None,
         seed: int | None = None,
+        mosaic_prob: float = 0.0,
+        references_with_replacement: bool = False,
     ) -> None:
         super().__init__()
         self.test_set = test_set
         self.fit_set = fit_set
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
+        self.mosaic_prob = float(mosaic_prob)
+        self.references_with_replacement = bool(references_with_replacement)
         self.fit_split = fit_split
         self.shuffle = shuffle
         self.seed = seed
@@ -90,21 +128,37 @@ class AnomalyDataModule(L.LightningDataModule):
         self.fit_transform = Preprocess(image_size, tuple(mean), tuple(std), mask_resize, resize_mode, augment)
 
     @property
-    def test_categories(self) -> list[str]:
-        """Categories of ``test_set``, in loader order."""
+    def all_categories(self) -> list[str]:
+        """Every category of ``test_set``, in order."""
         return list(self.test_set.categories)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def test_categories(self) -> list[str]:
+        """This rank's categories in loader order: all of them on one device, whole categories per rank on several."""
+        rank, world = self._rank_world()
+        if world == 1:
+            return self.all_categories
+        sizes = {c: len(self.test_set.records(c, "test")) for c in self.all_categories}
+        return split_categories(sizes, world)[rank]
 
     def prompt_name(self, category: str) -> str:
         """Prompt name of a test category."""
         return self.test_set.prompt_name(category)
 
-    def _loader(self, dataset: torch.utils.data.Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: torch.utils.data.Dataset, sampler: Sampler | None = None, fit: bool = False
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            # the fit loader is iterated every epoch; a test loader once (one per category: no idle worker pools)
+            persistent_workers=fit and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -134,31 +188,39 @@ class AnomalyDataModule(L.LightningDataModule):
         """The test split of one ``test_set`` category."""
         return self._dataset(self.test_set, self.test_set.records(category, "test"), self.transform)
 
-    def fit_dataset(self) -> ConcatDataset:
-        """All ``fit_set`` categories' ``fit_split`` splits, concatenated."""
+    def fit_dataset(self) -> torch.utils.data.Dataset:
+        """All ``fit_set`` categories' ``fit_split`` splits, concatenated (with mosaics when ``mosaic_prob`` > 0)."""
         if self.fit_set is None:
             raise DataError("no fit_set configured: this DataModule has nothing to fit on")
         fit_set = self.fit_set
         datasets = [
             self._dataset(fit_set, fit_set.records(c, self.fit_split), self.fit_transform) for c in fit_set.categories
         ]
+        if self.mosaic_prob > 0:
+            return MosaicDataset(datasets, self.mosaic_prob, self._fit_seed())
         return ConcatDataset(datasets)
+
+    def _fit_seed(self) -> int:
+        return torch.initial_seed() if self.seed is None else self.seed
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per test category, in ``test_categories`` order, unshuffled."""
         return [self._loader(self.test_dataset(c)) for c in self.test_categories]
 
     def train_dataloader(self) -> DataLoader:
-        """Fit loader mixing all ``fit_set`` categories, shuffled by (seed, epoch)."""
+        """Fit loader mixing all ``fit_set`` categories, shuffled by (seed, epoch); this rank's share on several."""
         dataset = self.fit_dataset()
-        sampler = None
+        rank, world = self._rank_world()
         if self.shuffle:
-            seed = torch.initial_seed() if self.seed is None else self.seed
-            sampler = EpochShuffleSampler(len(dataset), seed)
-        return self._loader(dataset, sampler)
+            sampler = EpochShuffleSampler(len(dataset), self._fit_seed(), rank, world)
+        else:
+            sampler = [i for i in range(len(dataset))][rank::world]
+        if isinstance(dataset, MosaicDataset):
+            sampler = EpochKeySampler(sampler)  # mosaics drawn by (seed, epoch, index), in any worker
+        return self._loader(dataset, sampler, fit=True)
 
     def reference_images(self, category: str, k: int, seed: int) -> tuple[Tensor, list[str]]:
-        """Draw k normal few-shot reference images from the category's ``train`` split, without replacement.
+        """Draw k normal few-shot reference images from the category's ``train`` split (without replacement by default).
 
         The generator is seeded by ``crc32(category) + seed`` so every category gets its own draw and
         the same (category, seed) always gives the same images.
@@ -173,7 +235,11 @@ class AnomalyDataModule(L.LightningDataModule):
                 f"images in {self.test_set.root}"
             )
         generator = torch.Generator().manual_seed(zlib.crc32(category.encode()) + seed)
-        chosen = [normal[i] for i in torch.randperm(len(normal), generator=generator)[:k].tolist()]
+        if self.references_with_replacement:  # APRIL-GAN's reference: torch.randint, duplicates possible
+            picks = torch.randint(0, len(normal), (k,), generator=generator) if normal else torch.empty(0, dtype=int)
+        else:
+            picks = torch.randperm(len(normal), generator=generator)[:k]
+        chosen = [normal[i] for i in picks.tolist()]
         dataset = self._dataset(self.test_set, chosen, self.transform)
         s = self.transform.image_size
         images = torch.stack([dataset[i]["image"] for i in range(k)]) if k else torch.empty(0, 3, s, s)
