@@ -126,6 +126,12 @@ def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
     L.seed_everything(cfg.seed, workers=True)
     backbone = instantiate(cfg.backbone)
     method = instantiate(cfg.method, backbone=backbone)
+    if method.transductive:
+        hint = "method.image_fusion=fixed (a per-image k-shot score)" if "image_fusion" in cfg.method else "evaluate.py"
+        raise PredictError(
+            f"{type(method).__name__} with these settings is transductive: it scores a whole category's test images "
+            f"together, never one image on its own. For per-image prediction use {hint}."
+        )
     if cfg.get("ckpt_path"):
         load_method_weights(method, cfg.ckpt_path)
     elif method.trainable:

@@ -172,3 +172,13 @@ def test_non_utf8_file_name_is_written_and_rows_are_kept(tmp_path, bottle, monke
     with pytest.raises(OSError, match="disk full"):
         _run(tmp_path, "crash", f"input={folder}", "threshold.value=0.5", "batch_size=1")
     assert len(_csv(tmp_path / "crash")) == 1
+
+
+def test_transductive_settings_are_refused_with_the_per_image_alternative(tmp_path, bottle):
+    normal = bottle / "train" / "good"
+    aprilgan = ["method=aprilgan", "method.feature_layers=[1,3]", "method.k_shot=1", f"references={normal}"]
+    with pytest.raises(PredictError, match=r"transductive.*method\.image_fusion=fixed"):
+        _run(tmp_path, "t", *aprilgan, f"input={bottle / 'test' / 'good'}", "threshold.value=0.5")
+    fixed = [*aprilgan, "method.image_fusion=fixed", "threshold.value=0.5"]
+    rows, _ = _run(tmp_path, "f", *fixed, f"input={bottle / 'test' / 'good'}")
+    assert len(rows) == 2 and all(0 <= r["score"] <= 1 for r in rows)

@@ -42,7 +42,7 @@ def backbone(fx, ckpt_dir):
 REFERENCE = {"stage_reduce": "sum"}
 
 
-def build(fx: dict, backbone, k_shot: int = 0, reference: bool = True) -> AprilGAN:
+def build(fx: dict, backbone, k_shot: int = 0, reference: bool = True, **overrides) -> AprilGAN:
     """The shipped defaults with the fixture's own settings (and the reference switch unless ``reference``)."""
     model = AprilGAN(
         backbone,
@@ -53,6 +53,7 @@ def build(fx: dict, backbone, k_shot: int = 0, reference: bool = True) -> AprilG
             "few_shot_layers": meta(fx, "few_shot_blocks_0based"),
             "temperature": 1.0 / meta(fx, "logit_scale_fixed"),
             **(REFERENCE if reference else {}),
+            **overrides,
         },
     )
     state = {k.replace("linear/", ""): v for k, v in fx.items() if k.startswith("linear/")}
@@ -120,7 +121,9 @@ def test_few_shot(fx, backbone):
 
 
 def check_few_shot(fx: dict, backbone, k: int) -> None:
-    model = build(fx, backbone, k_shot=k)
+    # forward scores per image ("fixed"); the reference's set-level fusion is checked from its parts below and
+    # through accumulate/score_accumulated in test_shipped_defaults_rank_identical
+    model = build(fx, backbone, k_shot=k, image_fusion="fixed")
     images, name = fx["inputs/images"], meta(fx, "obj_name")
     names = [name] * images.shape[0]
     model.prepare(name, fx["inputs/ref_images"][:k])
@@ -187,10 +190,14 @@ def test_shipped_defaults_rank_identical(fx, backbone):
     for k in meta(fx, "ks"):
         model = build(fx, backbone, k_shot=k, reference=False)
         model.prepare(name, fx["inputs/ref_images"][:k])
-        pred = model(images, names)
+        assert model.transductive  # the shipped k-shot image score is the reference's, over the whole set
+        for i in range(images.shape[0]):  # batch by batch, as the LightningModule feeds a category
+            model.accumulate(images[i : i + 1], names[i : i + 1])
+        pred = model.score_accumulated()
         ref = fx[f"fewshot/k{k}/anomaly_map_total"]
         scale = assert_rank_identical(f"fewshot/k{k}/anomaly_map_total (defaults)", pred.anomaly_map, ref)
         assert scale == pytest.approx(n + 2 * n_fs, rel=1e-5)
+        check(fx, f"fewshot/k{k}/image_score", pred.pred_score)
 
 
 def test_report_deviations():
