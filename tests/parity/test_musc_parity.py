@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted
+from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted, shipped_defaults
 
 from vlmad.methods.musc import MuSc, interval, lnamd
 
@@ -33,14 +33,17 @@ def backbone(fx, ckpt_dir):
 
 
 def build(fx: dict, backbone, windows=None) -> MuSc:
-    return MuSc(
-        backbone,
-        feature_layers=meta(fx, "feature_layers_0based"),
-        r_list=meta(fx, "r_list"),
-        msm_interval=(meta(fx, "topmin_min"), meta(fx, "topmin_max")),
-        rscin_windows=meta(fx, "rscin_windows_run") if windows is None else windows,
-        distance_chunk=3,  # several blocks per side, so the chunked path (both directions) is exercised
-    )
+    """The shipped defaults (conf/method/musc.yaml) with the fixture's own settings."""
+    settings = {
+        **shipped_defaults("musc"),
+        "feature_layers": meta(fx, "feature_layers_0based"),
+        "r_list": meta(fx, "r_list"),
+        "msm_interval": (meta(fx, "topmin_min"), meta(fx, "topmin_max")),
+        "rscin_windows": meta(fx, "rscin_windows_run") if windows is None else windows,
+        "dataset": None,  # the windows above are the fixture's (the shipped value follows data._target_)
+        "distance_chunk": 3,  # several blocks per side, so the chunked path (both directions) is exercised
+    }
+    return MuSc(backbone, **settings)
 
 
 def check(fx: dict, key: str, ours) -> None:
