@@ -1,10 +1,62 @@
-"""Small tensor operations shared by the methods: Gaussian smoothing and the segmentation losses."""
+"""Small tensor operations shared by the methods: fp32 guards, Gaussian smoothing and the segmentation losses."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def autocast_active() -> bool:
+    """True inside a ``torch.autocast`` region (e.g. Lightning's ``bf16-mixed`` / ``16-mixed``) on CPU or CUDA."""
+    return any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES)
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Leave any surrounding autocast region: ops inside run in their inputs' dtype (a no-op outside autocast)."""
+    if not autocast_active():  # outside autocast: no context at all, so traced/exported graphs are unchanged
+        yield
+        return
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+def to_float32(value: Any) -> Any:
+    """Floating tensors (also inside dicts, lists, tuples) as float32; anything else unchanged."""
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float64 else value
+    if isinstance(value, dict):
+        return {k: to_float32(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_float32(v) for v in value)
+    return value
+
+
+def fp32(fn: _F) -> _F:
+    """Decorator for numerically delicate steps: run ``fn`` with autocast off on float32 inputs.
+
+    Under mixed precision the backbone runs in bf16/fp16, but cosines divided by a 0.01-0.07 temperature,
+    softmaxes, harmonic means, min-distances and the Gaussian blur need float32 (a bf16 cosine is off by ~4e-3,
+    i.e. 0.4 in a logit at temperature 0.01). Outside autocast the wrapped function runs unchanged.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not autocast_active():
+            return fn(*args, **kwargs)
+        with autocast_off():
+            return fn(*to_float32(args), **to_float32(kwargs))
+
+    return wrapper  # type: ignore[return-value]
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
@@ -26,6 +78,7 @@ def _symmetric_pad_1d(x: Tensor, radius: int, dim: int) -> Tensor:
     return x.index_select(dim, idx)
 
 
+@fp32
 def gaussian_blur(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """Separable Gaussian smoothing with scipy.ndimage.gaussian_filter semantics (mode ``reflect``).
 
@@ -35,7 +88,7 @@ def gaussian_blur(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
         truncate: kernel radius in standard deviations (scipy's default 4.0).
 
     Returns:
-        (B, H, W) smoothed maps, same dtype.
+        (B, H, W) smoothed maps, same dtype (float32 under autocast).
     """
     if sigma <= 0:
         return maps
@@ -82,6 +135,7 @@ def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     return 1 - dice.mean()
 
 
+@fp32
 def min_cosine_distance(queries: Tensor, memory: Tensor, chunk: int = 8192) -> Tensor:
     """min over memory of (1 - cos) for every query.
 
@@ -99,10 +153,14 @@ def min_cosine_distance(queries: Tensor, memory: Tensor, chunk: int = 8192) -> T
 
 
 __all__ = [
+    "autocast_active",
+    "autocast_off",
     "dice_loss",
     "focal_loss",
+    "fp32",
     "gaussian_blur",
     "gaussian_kernel1d",
     "min_cosine_distance",
     "scaled_sigma",
+    "to_float32",
 ]

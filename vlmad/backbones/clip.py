@@ -310,7 +310,9 @@ class ClipBackbone(nn.Module):
         """
         visual = self.visual
         x = visual.conv1(images)  # (B, W, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, P, W)
+        # The residual stream keeps the weights' dtype: under autocast conv1 returns bf16/fp16, and a low-precision
+        # stream doubles the drift over 24 blocks (matmuls inside the blocks still run in bf16/fp16).
+        x = x.flatten(2).transpose(1, 2).to(visual.positional_embedding.dtype)  # (B, P, W)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from vlmad.backbones import ClipBackbone
 from vlmad.backbones.dpam import check_dpam_block, dpam_forward
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import dice_loss, focal_loss, gaussian_blur, scaled_sigma
+from vlmad.ops import dice_loss, focal_loss, fp32, gaussian_blur, scaled_sigma
 
 
 class AnomalyCLIP(AnomalyMethod):
@@ -132,8 +132,9 @@ class AnomalyCLIP(AnomalyMethod):
         emb = self.token_embeddings
         return torch.cat([emb[:, :1], ctx.to(emb.dtype), emb[:, 1 + self.n_ctx :]], dim=1)  # (2, 77, Dt)
 
+    @fp32  # two prompts: negligible cost, and the learned prompts' gradients stay fp32 under mixed precision
     def text_features(self, normalize: bool = True) -> Tensor:
-        """Text features of the two prompts, computed now (with grad if grad mode is on).
+        """Text features of the two prompts, computed now (with grad if grad mode is on), in float32.
 
         Returns:
             (2, D) rows [normal, anomalous], L2-normalised unless ``normalize`` is False.
@@ -196,10 +197,12 @@ class AnomalyCLIP(AnomalyMethod):
         patch = torch.stack([self.backbone.project(taps[i]) for i in self.feature_layers], dim=1)
         return {"global": cls @ visual.proj, "patch": patch}
 
+    @fp32
     def image_logits(self, features: dict[str, Tensor], text: Tensor) -> Tensor:
         """(B, 2) cos(global, text) / temperature, per image."""
         return F.normalize(features["global"], dim=-1) @ text.T / self.temperature
 
+    @fp32
     def similarity(self, features: dict[str, Tensor], text: Tensor) -> Tensor:
         """(B, L, 1+P, 2) per-token softmax over [normal, anomalous] (CLS included, dropped later)."""
         return (F.normalize(features["patch"], dim=-1) @ text.T / self.temperature).softmax(dim=-1)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import dice_loss, focal_loss, gaussian_blur, min_cosine_distance
+from vlmad.ops import autocast_off, dice_loss, focal_loss, fp32, gaussian_blur, min_cosine_distance
 from vlmad.prompts import get_prompt_set
 
 STAGE_REDUCE = ("sum", "mean")
@@ -50,6 +50,7 @@ class AprilGAN(AnomalyMethod):
     """
 
     trainable = True
+    tensor_state = ("_memory", "_parts")  # few-shot memories follow .to() / .cuda() (AnomalyMethod._apply)
 
     @classmethod
     def protocol_of(cls, settings: Mapping) -> str | None:
@@ -115,7 +116,8 @@ class AprilGAN(AnomalyMethod):
             (2, D) L2-normalised rows [normal, anomalous].
         """
         # Each sentence normalised, group mean re-normalised (reference prompt_ensemble.py).
-        feats = self.text_cache.get(self.backbone, self.prompt_set, class_name, True, True)
+        with autocast_off():  # cached and reused by fp32 runs: never encode them in bf16
+            feats = self.text_cache.get(self.backbone, self.prompt_set, class_name, True, True)
         return feats.to(self.projections[0].weight.device)
 
     def _batch_text_features(self, class_names: Sequence[str]) -> Tensor:
@@ -172,6 +174,7 @@ class AprilGAN(AnomalyMethod):
         size = self.backbone.image_size
         return F.interpolate(grids, size=(size, size), mode="bilinear", align_corners=self.align_corners)
 
+    @fp32  # the projections too: cos / 0.01 turns a bf16 cosine error of ~4e-3 into 0.4 of logit
     def stage_logits(self, stage_tokens: Tensor, text_feats: Tensor) -> Tensor:
         """Patch logits of every stage before upsampling.
 
@@ -222,7 +225,7 @@ class AprilGAN(AnomalyMethod):
             if len(self._memory) != 1:
                 raise ValueError(f"few_shot_maps needs class_names: memory holds {sorted(self._memory)}")
             class_names = list(self._memory) * b
-        dist = stage_tokens.new_empty(b, n, p)
+        dist = stage_tokens.new_empty(b, n, p, dtype=torch.promote_types(stage_tokens.dtype, torch.float32))
         for name in dict.fromkeys(class_names):
             if name not in self._memory:
                 raise RuntimeError(f"AprilGAN: no few-shot memory for {name!r}; call prepare() with references")
@@ -245,6 +248,7 @@ class AprilGAN(AnomalyMethod):
         return self._upsample(dist.view(b * n, 1, g, g)).view(b, n, size, size)
 
     # ---------------------------------------------------------------- scores
+    @fp32
     def text_probs(self, global_emb: Tensor, text_feats: Tensor) -> Tensor:
         """Plain CLIP zero-shot probabilities from the global embedding (the projections are not used).
 

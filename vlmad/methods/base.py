@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,17 @@ from torch import Tensor, nn
 
 from vlmad.backbones import ClipBackbone
 from vlmad.prompts import TextFeatureCache
+
+
+def _apply_nested(fn: Callable[[Tensor], Tensor], value: Any) -> Any:
+    """``fn`` on every tensor inside dicts, lists and tuples."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _apply_nested(fn, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_apply_nested(fn, v) for v in value)
+    return value
 
 
 @dataclass
@@ -38,6 +49,7 @@ class AnomalyMethod(nn.Module):
 
     trainable: bool = False
     transductive: bool = False
+    tensor_state: tuple[str, ...] = ()  # attributes holding plain tensors (dicts/lists of them) that follow .to()
 
     def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
         super().__init__()
@@ -45,6 +57,14 @@ class AnomalyMethod(nn.Module):
         self.k_shot = int(k_shot)
         self.feature_cache = None  # a vlmad.cache.FeatureCache, see attach_cache
         self.text_cache = TextFeatureCache()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AnomalyMethod:
+        """nn.Module's ``.to()`` / ``.cuda()`` / ``.double()`` hook, extended to ``tensor_state`` (few-shot memories,
+        accumulated features): they are not buffers (their keys vary by class), yet must follow the module."""
+        super()._apply(fn, recurse)
+        for name in self.tensor_state:
+            setattr(self, name, _apply_nested(fn, getattr(self, name)))
+        return self
 
     def attach_cache(self, cache: object | None) -> None:
         """Encode images through ``cache`` (a FeatureCache); a disk cache also keeps the text prototypes."""

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
+from vlmad.ops import autocast_off
 
 PROTOCOL = "transductive zero-shot (mutual scoring over each category's unlabelled test images)"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,6 +116,7 @@ class MuSc(AnomalyMethod):
     """
 
     transductive = True
+    tensor_state = ("_taps", "_global")  # accumulated features follow .to() / .cuda() (AnomalyMethod._apply)
 
     @classmethod
     def protocol_of(cls, settings: Mapping) -> str:
@@ -289,9 +291,11 @@ class MuSc(AnomalyMethod):
             Prediction: (N,) scores (RsCIN in [0, 1]) and (N, S, S) maps = the reference's distances / 2 (unit
             vectors are at most 2 apart), so both lie in [0, 1]; every metric is invariant to the factor.
         """
-        maps = self.pixel_maps(self.patch_scores(taps))  # (N, S, S) float64
-        raw = maps.amax(dim=(1, 2))  # the upsampled max, not the grid max (interior peaks are lowered)
-        score = self.rscin(raw, emb)
+        # distances in distance_dtype by explicit casts only: an outer bf16-mixed autocast must not lower them
+        with autocast_off():
+            maps = self.pixel_maps(self.patch_scores(taps))  # (N, S, S) float64
+            raw = maps.amax(dim=(1, 2))  # the upsampled max, not the grid max (interior peaks are lowered)
+            score = self.rscin(raw, emb)
         if 0 in self.rscin_windows:
             score = score / 2
         return Prediction(pred_score=score.float(), anomaly_map=(maps / 2).float())

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import gaussian_blur, min_cosine_distance
+from vlmad.ops import autocast_off, fp32, gaussian_blur, min_cosine_distance
 from vlmad.prompts import PromptSet, get_prompt_set
 
 IMAGE_SCORES = ("text", "map_max")
@@ -71,6 +71,8 @@ class WinCLIP(AnomalyMethod):
         smoothing_sigma: Gaussian sigma in pixels on the upsampled map (scipy semantics); 0 = off (anomalib).
         window_chunk: max window sequences per transformer call (bounds memory).
     """
+
+    tensor_state = ("memory",)  # few-shot memories follow .to() / .cuda() (AnomalyMethod._apply)
 
     def __init__(
         self,
@@ -131,8 +133,10 @@ class WinCLIP(AnomalyMethod):
 
     # ---------------------------------------------------------------- set-up
     def text_prototypes(self, class_name: str) -> Tensor:
-        """(2, D) [normal, anomalous] prompt-ensemble prototypes, encoded once per class name."""
-        return self.text_cache.get(self.backbone, self.prompt_set, class_name, self.normalize_prompts, False)
+        """(2, D) [normal, anomalous] prompt-ensemble prototypes, encoded once per class name (in fp32)."""
+        with autocast_off():  # cached and reused by fp32 runs: never encode them in bf16
+            protos = self.text_cache.get(self.backbone, self.prompt_set, class_name, self.normalize_prompts, False)
+        return protos.to(self.backbone.device)  # no-op unless the method was moved after encoding
 
     @torch.no_grad()
     def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
@@ -204,6 +208,7 @@ class WinCLIP(AnomalyMethod):
         return {**super().feature_signature(), "scales": list(self.scales), "window_stride": self.window_stride}
 
     # ---------------------------------------------------------------- scoring
+    @fp32
     def class_scores(self, embeddings: Tensor, prototypes: Tensor) -> Tensor:
         """Anomalous-class probability softmax([cos(e, g0), cos(e, g1)] / τ)[1].
 
@@ -218,6 +223,7 @@ class WinCLIP(AnomalyMethod):
         cos = F.normalize(embeddings, dim=-1) @ protos.transpose(1, 2)  # (B, N, 2)
         return (cos / self.temperature).softmax(dim=-1)[..., 1]
 
+    @fp32
     def harmonic_aggregate(self, window_scores: Tensor, scale: int) -> Tensor:
         """Per-patch harmonic mean of the scores of the windows covering it: M(p) = |W_p| / Σ 1/s_w.
 
@@ -304,7 +310,8 @@ class WinCLIP(AnomalyMethod):
             (B, G, G).
         """
         grid = self.backbone.grid_size
-        out = patch_tokens.new_empty(len(class_names), grid, grid)
+        dtype = torch.promote_types(patch_tokens.dtype, torch.float32)  # bf16 tokens under autocast: fp32 map
+        out = patch_tokens.new_empty(len(class_names), grid, grid, dtype=dtype)
         for name in dict.fromkeys(class_names):
             if name not in self.memory:
                 raise ValueError(f"WinCLIP: k_shot={self.k_shot} but prepare({name!r}, references) was not called")
