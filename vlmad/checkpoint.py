@@ -1,11 +1,13 @@
 """vlmad checkpoints without Lightning: read, check against a method, load its learned tensors.
 
 A checkpoint holds only the learned tensors (never the frozen backbone) plus a ``vlmad`` entry with the
-settings they belong to, so a mismatch is refused with a message instead of loading silently.
+settings they belong to and the backbone weights they were trained on, so a mismatch is refused with a message
+instead of loading silently. The official AnomalyCLIP and APRIL-GAN ``.pth`` files load too (converted).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,10 @@ import torch
 
 from vlmad.errors import VlmadError
 from vlmad.methods.base import AnomalyMethod
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_KEY = "backbone_weights"  # in the ``vlmad`` entry; not part of hparams_for_checkpoint (the cache key)
 
 
 class CheckpointMismatchError(VlmadError, RuntimeError):
@@ -52,34 +58,93 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def checkpoint_entry(method: AnomalyMethod) -> dict[str, Any]:
+    """The ``vlmad`` entry of a checkpoint: the method's settings plus the backbone weights' id."""
+    return {**method.hparams_for_checkpoint(), WEIGHTS_KEY: method.backbone.weights_id()}
+
+
+def _weights_diff(saved: dict[str, Any], method: AnomalyMethod) -> dict[str, tuple[Any, Any]]:
+    """{"backbone weights": (checkpoint's, configured)} when learned tensors would run on other weights."""
+    if not method.trainable:  # only settings in the checkpoint: nothing was fitted to the weights
+        return {}
+    configured = method.backbone.weights_id()
+    if WEIGHTS_KEY not in saved:  # written before weights were recorded: cannot tell
+        log.warning("checkpoint does not record its backbone weights; cannot check they are %s", configured)
+        return {}
+    if saved[WEIGHTS_KEY] != configured:
+        name = method.backbone.model_name
+        return {"backbone weights": (f"{saved.get('backbone', name)} {saved[WEIGHTS_KEY]}", f"{name} {configured}")}
+    return {}
+
+
 def check_checkpoint_fits(checkpoint: dict[str, Any], method: AnomalyMethod) -> None:
-    """Raise CheckpointMismatchError unless the checkpoint's settings and tensor shapes fit ``method``."""
+    """Raise CheckpointMismatchError unless the checkpoint's settings, backbone weights and tensor shapes fit.
+
+    Learned tensors only mean something on the backbone weights they were fitted on (random tiny weights differ
+    by seed), so other weights are refused, naming both.
+    """
     saved = checkpoint.get("vlmad")
     if saved is None:
         raise CheckpointMismatchError("not a vlmad checkpoint (no 'vlmad' settings entry)")
     expected = method.hparams_for_checkpoint()
     diffs = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    diffs |= _weights_diff(saved, method)
     if diffs:
         lines = "; ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in diffs.items())
         raise CheckpointMismatchError(f"checkpoint does not fit the configured method ({lines})")
-    own = {f"method.{k}": v for k, v in method.learned_state().items()}
-    for key, value in checkpoint.get("state_dict", {}).items():
+    _check_tensors({k[len("method.") :]: v for k, v in checkpoint.get("state_dict", {}).items()
+                    if k.startswith("method.")}, method)  # fmt: skip
+
+
+def _check_tensors(state: dict[str, Any], method: AnomalyMethod) -> None:
+    """Every learned tensor of ``method`` is in ``state`` with its shape (keys without the ``method.`` prefix)."""
+    own = method.learned_state()
+    for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise CheckpointMismatchError(
-                f"checkpoint tensor {key} has shape {tuple(value.shape)}, the configured method expects "
+                f"checkpoint tensor method.{key} has shape {tuple(value.shape)}, the configured method expects "
                 f"{tuple(own[key].shape)}"
             )
-    missing = sorted(set(own) - set(checkpoint.get("state_dict", {})))
+    missing = sorted(f"method.{k}" for k in set(own) - set(state))
     if missing:
         raise CheckpointMismatchError(f"checkpoint lacks learned tensors {missing}")
 
 
-def load_method_weights(method: AnomalyMethod, ckpt_path: str | Path) -> None:
-    """Load a vlmad checkpoint's learned tensors into a method (no Trainer needed)."""
-    checkpoint = read_checkpoint(ckpt_path)
+def convert_official(checkpoint: dict[str, Any], method: AnomalyMethod) -> dict[str, Any] | None:
+    """The learned state of an official reference checkpoint for ``method``, or None if it is not one.
+
+    Recognised: AnomalyCLIP's ``{"prompt_learner": ...}`` and APRIL-GAN's ``{"trainable_linearlayer": ...}``
+    (or their inner dicts), via the method's ``convert_official_checkpoint``.
+    """
+    convert = getattr(type(method), "convert_official_checkpoint", None)
+    if convert is None or "vlmad" in checkpoint or "state_dict" in checkpoint:
+        return None
     try:
-        check_checkpoint_fits(checkpoint, method)
+        return convert(checkpoint)
+    except (KeyError, ValueError, AttributeError, TypeError):  # another layout: not this method's official file
+        return None
+
+
+def load_method_weights(method: AnomalyMethod, ckpt_path: str | Path) -> None:
+    """Load a vlmad checkpoint's learned tensors into a method (no Trainer needed).
+
+    An official AnomalyCLIP / APRIL-GAN file for the configured method is converted (one log line); those were
+    trained on OpenAI's ViT-L-14-336 weights, which only a warning can check (they record nothing).
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    official = convert_official(checkpoint, method)
+    try:
+        if official is not None:
+            log.info("converted official %s checkpoint %s", type(method).__name__, ckpt_path)
+            if method.backbone.pretrained != "openai":
+                backbone = method.backbone
+                log.warning("official %s checkpoints were trained on OpenAI ViT-L-14-336 weights; configured: %s %s",
+                            type(method).__name__, backbone.model_name, backbone.weights_id())  # fmt: skip
+            _check_tensors(official, method)
+            state = official
+        else:
+            check_checkpoint_fits(checkpoint, method)
+            state = {k[len("method.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{ckpt_path}: {err}") from None
-    state = {k[len("method.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("method.")}
     method.load_state_dict(state, strict=False)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmad.cache import FeatureCache
-from vlmad.checkpoint import check_checkpoint_fits
+from vlmad.checkpoint import check_checkpoint_fits, checkpoint_entry
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
 from vlmad.metrics.table import write_csv
@@ -235,7 +235,7 @@ class AnomalyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen backbone (GBs for ViT-L) and record what the learned tensors belong to."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".backbone." not in k}
-        checkpoint["vlmad"] = self.method.hparams_for_checkpoint()
+        checkpoint["vlmad"] = checkpoint_entry(self.method)  # settings + the backbone weights the tensors fit
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another backbone or prompt/projection shape, with a clear message."""

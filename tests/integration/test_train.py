@@ -54,6 +54,9 @@ def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg):
         evaluate(make_cfg("evaluate", "method=anomalyclip", "method.n_ctx=8", f"ckpt_path={ckpt}"))
     with pytest.raises(CheckpointMismatchError, match="checkpoint"):
         evaluate(make_cfg("evaluate", "method=aprilgan", f"ckpt_path={ckpt}"))
+    # trained at train.yaml's seed 111, evaluated at evaluate.yaml's seed 0: another random tiny backbone
+    with pytest.raises(CheckpointMismatchError, match=r"backbone weights: checkpoint 'vlmad-tiny random:\w+' vs "):
+        evaluate(make_cfg("evaluate", "method=anomalyclip", f"ckpt_path={ckpt}"))
 
 
 def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, count_encodes):

@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -266,6 +267,33 @@ class ClipBackbone(nn.Module):
         """Device of the weights."""
         return self.visual.proj.device
 
+    def weights_id(self) -> str:
+        """Which weights these are: the open_clip tag, ``sha256:<hex>`` of a local file, or ``random:<sha1>``.
+
+        Random weights are only equal within one seeded build, so their values are fingerprinted (a strided sample
+        per tensor: milliseconds, not a pass over GBs). A checkpoint records it (``vlmad.checkpoint``).
+        """
+        if getattr(self, "_weights_id", None) is None:
+            source = self.pretrained
+            if self.weights_sha256 is not None:
+                source = f"sha256:{self.weights_sha256}"
+            elif not source:
+                digest = hashlib.sha1()
+                for p in self.model.parameters():
+                    flat = p.detach().flatten()
+                    digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
+                source = "random:" + digest.hexdigest()
+            self._weights_id = str(source)
+        return self._weights_id
+
+    def preprocess_config(self) -> dict[str, Any]:
+        """The one source of preprocessing: ``image_size`` (S), ``mean`` and ``std`` (the weights' normalisation).
+
+        The datamodule, predict and export all take these (as open_clip's ``create_model_and_transforms`` pairs
+        a model with its transform), never a parallel config value.
+        """
+        return {"image_size": self.image_size, "mean": tuple(self.mean), "std": tuple(self.std)}
+
     def signature(self) -> str:
         """Hash of every setting that changes the features.
 
@@ -274,15 +302,7 @@ class ClipBackbone(nn.Module):
         says where a tag's (identical) weights are stored.
         """
         if getattr(self, "_signature", None) is None:
-            source = self.pretrained
-            if self.weights_sha256 is not None:
-                source = f"sha256:{self.weights_sha256}"
-            elif not source:  # random weights: only equal within one seeded build, so fingerprint the values
-                digest = hashlib.sha1()
-                for p in self.model.parameters():  # a strided sample per tensor: ms, not a pass over GBs
-                    flat = p.detach().flatten()
-                    digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
-                source = "random:" + digest.hexdigest()
+            source = self.weights_id()
             architecture = open_clip.get_model_config(self.model_name)  # a re-registered JSON may change it
             parts = [self.model_name, architecture, self.force_quick_gelu, source, self.image_size,
                      self.visual.positional_embedding.shape, self.pos_embed_interpolation]  # fmt: skip
