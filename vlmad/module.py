@@ -16,7 +16,7 @@ from vlmad.checkpoint import check_checkpoint_fits, checkpoint_entry
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
 from vlmad.metrics.table import write_csv
-from vlmad.viz import denormalize_image, overlay_panel, save_png
+from vlmad.outputs import CategoryOutputs, no_threshold, normal_training_records, write_predictions, write_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,13 @@ class AnomalyModule(L.LightningModule):
         metrics: ``aupro_mode`` (official | legacy), ``legacy_aupro`` (also report the legacy AUPRO),
             ``pixel_size`` (``native`` or an int N: maps resized bilinearly, masks by nearest, to N x N).
         reference_seed: seed of the few-shot reference draw (k_shot > 0).
-        output_dir: where heatmap overlays (``heatmaps/<category>/``) and reference lists are written.
-        num_overlays: overlays saved per category (0 disables).
+        output_dir: where heatmap panels (``heatmaps/<category>/``), ``predictions.csv``, ``thresholds.json`` and
+            reference lists are written.
+        num_overlays: panels saved per category (0 disables): the worst false positive and negative, the top image
+            of each defect type, then more FP / FN (``vlmad.viz.select_panels``).
+        save_all_overlays: a panel for every test image instead.
+        threshold: ``calibrate`` (score the category's normal training images, references excluded, for an OK / NG
+            decision per image), ``quantile`` (as ``vlmad.predict``), ``max_images`` (first N of train/good; None: all).
         feature_cache: frozen image-side features reused across epochs and runs: None, ``memory`` or a
             directory (a disk cache shared by the jobs of a sweep).
     """
@@ -50,6 +55,8 @@ class AnomalyModule(L.LightningModule):
         output_dir: str | None = None,
         num_overlays: int = 4,
         feature_cache: Any = None,
+        save_all_overlays: bool = False,
+        threshold: dict | None = None,
     ) -> None:
         super().__init__()
         self.method = method
@@ -61,12 +68,16 @@ class AnomalyModule(L.LightningModule):
         self.reference_seed = reference_seed
         self.output_dir = Path(output_dir) if output_dir else None
         self.num_overlays = num_overlays
+        self.save_all_overlays = save_all_overlays
+        self.threshold = {"calibrate": True, "quantile": 0.99, "max_images": 32, **(threshold or {})}
+        self.predictions: dict[str, list[dict]] = {}  # category -> per-image rows (scalars only)
+        self.thresholds: dict[str, dict] = {}
+        self._outputs: CategoryOutputs | None = None
         self.feature_cache = FeatureCache.from_setting(feature_cache)
         method.attach_cache(self.feature_cache)  # the method encodes images through it (train and test)
         self.strict_loading = False  # the frozen backbone is never in a checkpoint
         self.results: dict[str, dict[str, float]] = {}
         self._category: str | None = None
-        self._overlays_done = 0
         self._pending: list[dict] = []  # transductive methods: the open category's labels/masks until it is scored
 
     # ------------------------------------------------------------------ training
@@ -101,26 +112,32 @@ class AnomalyModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         """Start with no category open."""
         self.results, self._category, self._pending = {}, None, []
+        self.predictions, self.thresholds = {}, {}
         self.metrics.reset()
 
     def _open_category(self, category: str) -> None:
         if self._category is not None:
             self._close_category()
-        self._category, self._overlays_done = category, 0
+        self._category = category
         dm = self._datamodule
-        references = None
+        references, paths = None, []
         if self.method.k_shot > 0:
             references, paths = dm.reference_images(category, self.method.k_shot, self.reference_seed)
             references = references.to(self.device)
             self._write_reference_list(category, paths)
         self.method.prepare(dm.prompt_name(category), references)
+        self.thresholds[category] = self._calibrate(category, paths)
+        self._outputs = CategoryOutputs(category, None if self.save_all_overlays else self.num_overlays)
 
     def _close_category(self) -> None:
         self._score_transductive()
         self.results[self._category] = self.metrics.compute(self._category)
         self.metrics.reset()
+        self.predictions[self._category] = self._outputs.finish(self.thresholds[self._category])
         if self._partial_csv() is not None:  # finished categories survive a later failure
             write_csv(self._partial_csv(), self.results)
+            write_predictions(self._rank_file("predictions.csv"), (r for p in self.predictions.values() for r in p))
+            self._save_panels()
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score a batch of one category and update that category's metrics."""
@@ -133,18 +150,16 @@ class AnomalyModule(L.LightningModule):
         pred: Prediction = self.method(batch["image"], list(batch["class_name"]))
         anomaly_map, mask = self._eval_resolution(pred.anomaly_map, batch["mask"])
         self.metrics.update(pred.pred_score, batch["label"], anomaly_map, mask, batch["has_mask"])
-        self._save_overlays(batch, pred)
+        self._outputs.add(batch, pred.pred_score, pred.anomaly_map)
 
     # ------------------------------------------------------------------ transductive (category-level) scoring
     def _accumulate(self, batch: dict) -> None:
-        """Hand the batch to the method; keep only what the metrics and overlays need once the category is scored."""
+        """Hand the batch to the method; keep only what the metrics and outputs need once the category is scored."""
         self.method.accumulate(batch["image"], list(batch["class_name"]))
-        kept = sum(len(p["image"]) for p in self._pending)
-        need = max(0, self.num_overlays - kept) if self.output_dir is not None else 0
+        # no images: panels read theirs back from the dataset at the category's end
         self._pending.append({
             "label": batch["label"].cpu(), "mask": batch["mask"].cpu() != 0, "has_mask": batch["has_mask"].cpu(),
             "path": list(batch["path"]), "defect_type": list(batch["defect_type"]),
-            "image": batch["image"][:need].cpu(),  # overlays only
         })  # fmt: skip
 
     def _score_transductive(self) -> None:
@@ -162,8 +177,7 @@ class AnomalyModule(L.LightningModule):
             score, amap = pred.pred_score[start:stop], pred.anomaly_map[start:stop]
             anomaly_map, mask = self._eval_resolution(amap, part["mask"].to(amap.device))
             self.metrics.update(score, part["label"], anomaly_map, mask, part["has_mask"])
-            if len(part["image"]):
-                self._save_overlays(part, Prediction(score, amap))
+            self._outputs.add(part, score, amap)
             start = stop
         if start != pred.pred_score.shape[0]:
             raise RuntimeError(f"{type(self.method).__name__} scored {pred.pred_score.shape[0]} images, got {start}")
@@ -176,6 +190,13 @@ class AnomalyModule(L.LightningModule):
             self._close_category()
         self._category = None
         self.results = summarise(self._gather(self.results))
+        self.predictions, self.thresholds = self._gather(self.predictions), self._gather(self.thresholds)
+        if self.output_dir is not None and self.global_rank == 0:  # one file of every rank's categories
+            write_predictions(self.output_dir / "predictions.csv", (r for p in self.predictions.values() for r in p))
+            write_thresholds(self.output_dir / "thresholds.json", self.thresholds)
+            for rank in range(1, self.trainer.world_size):
+                (self.output_dir / f"predictions.rank{rank}.csv").unlink(missing_ok=True)
+            (self.output_dir / "predictions.rank0.csv").unlink(missing_ok=True)
         flat = {f"test/{cat}/{name}": value for cat, row in self.results.items() for name, value in row.items()}
         if flat:  # every rank holds the same gathered results: no reduction needed
             self.log_dict(flat, batch_size=1, rank_zero_only=True)
@@ -210,19 +231,40 @@ class AnomalyModule(L.LightningModule):
         mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
         return anomaly_map.clamp(0, 1), mask
 
-    def _save_overlays(self, batch: dict, pred: Prediction) -> None:
-        if self.output_dir is None or self._overlays_done >= self.num_overlays:
+    def _rank_file(self, name: str) -> Path:
+        """``output_dir/name`` on one device, ``<stem>.rank<r><suffix>`` per rank on several."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        stem, suffix = Path(name).stem, Path(name).suffix
+        return self.output_dir / (name if world == 1 else f"{stem}.rank{self.global_rank}{suffix}")
+
+    def _calibrate(self, category: str, references: list[str]) -> dict[str, Any]:
+        """Image / pixel thresholds of a category from its normal TRAINING images only (never the test labels)."""
+        from torch.utils.data import DataLoader
+
+        from vlmad.predict import calibrate_threshold
+
+        if self.method.transductive:
+            return no_threshold("n/a: a transductive method scores the category's test images together, so "
+                                "training images cannot be scored one by one")  # fmt: skip
+        if not self.threshold["calibrate"]:
+            return no_threshold("none (module.threshold.calibrate=false)")
+        dm, q = self._datamodule, float(self.threshold["quantile"])
+        records = normal_training_records(dm.test_set, category, references, self.threshold["max_images"])
+        if not records:
+            return no_threshold("none (no normal training images)")
+        loader = DataLoader(dm._dataset(dm.test_set, records, dm.transform), batch_size=dm.batch_size)
+        data = calibrate_threshold(self.method, (b["image"] for b in loader), q, dm.prompt_name(category))
+        excluded = " (few-shot references excluded)" if references else ""
+        return {**data, "source": f"q={q:g} of {len(records)} train/good images{excluded}",
+                "images": [str(r.image) for r in records]}  # fmt: skip
+
+    def _save_panels(self) -> None:
+        if self.num_overlays <= 0 and not self.save_all_overlays:
             return
         dm = self._datamodule
         mean, std = dm.transform.mean.flatten().tolist(), dm.transform.std.flatten().tolist()
-        for i in range(batch["image"].shape[0]):
-            if self._overlays_done >= self.num_overlays:
-                break
-            image = denormalize_image(batch["image"][i].cpu(), mean, std)
-            panel = overlay_panel(image, pred.anomaly_map[i].float().cpu().numpy(), batch["mask"][i].cpu().numpy())
-            name = f"{self._overlays_done:02d}_{batch['defect_type'][i]}_{Path(batch['path'][i]).stem}.png"
-            save_png(self.output_dir / "heatmaps" / self._category / name, panel)
-            self._overlays_done += 1
+        folder = self.output_dir / "heatmaps" / self._category
+        self._outputs.save_panels(dm.test_dataset(self._category), folder, mean, std, self.thresholds[self._category])
 
     def _write_reference_list(self, category: str, paths: list[str]) -> None:
         if self.output_dir is None:

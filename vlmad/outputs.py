@@ -1,0 +1,193 @@
+"""Per-image results of an evaluation: ``predictions.csv`` rows, per-category thresholds and heatmap panels.
+
+The module collects scalars for every test image and the maps of the few images a panel may show (see
+`vlmad.viz.keep_set`); panels are drawn when the category ends, on the category's own colour scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from vlmad.data.records import DataError, Reader, Record
+from vlmad.viz import (
+    colour_scale,
+    denormalize_image,
+    display_size,
+    keep_set,
+    render_panel,
+    resize_array,
+    save_png,
+    select_panels,
+)
+
+PREDICTION_COLUMNS = (
+    "path", "category", "label", "defect_type", "has_mask", "image_score", "max_pixel_score",
+    "image_threshold", "pixel_threshold", "decision", "threshold_source",
+)  # fmt: skip
+MAP_SAMPLE = 4096  # map values kept per image for the category's colour scale (percentiles of a subsample)
+SCALE_PERCENTILES = (1.0, 99.0)
+
+
+def no_threshold(reason: str) -> dict[str, Any]:
+    """The threshold record of a category without a calibrated threshold, saying why."""
+    return {"image_threshold": None, "pixel_threshold": None, "source": reason}
+
+
+def normal_training_records(
+    reader: Reader, category: str, exclude: Iterable[str], max_images: int | None
+) -> list[Record]:
+    """The category's normal training images (``train/good``) minus the few-shot references, first ``max_images``.
+
+    References are left out as in ``vlmad.predict``: they score ~0 against themselves and would pull the
+    threshold down. Never test images: thresholds must not see the test labels.
+    """
+    try:
+        records = reader.records(category, "train")
+    except DataError:  # e.g. a folder dataset without train/: no calibration, said in the threshold source
+        return []
+    skip = {str(Path(p).resolve()) for p in exclude}
+    normal = [r for r in records if r.label == 0 and str(Path(r.image).resolve()) not in skip]
+    return normal if max_images is None else normal[: int(max_images)]
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            write(handle)
+        os.replace(tmp, path)  # readers (and a crash) never see a half-written file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_predictions(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Atomically write ``predictions.csv`` (columns ``PREDICTION_COLUMNS``; missing thresholds empty)."""
+
+    def write(handle: Any) -> None:
+        writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: "" if row.get(k) is None else row.get(k) for k in PREDICTION_COLUMNS} for row in rows)
+
+    _atomic_write(Path(path), write)
+
+
+def write_thresholds(path: str | os.PathLike, thresholds: dict[str, dict[str, Any]]) -> None:
+    """Atomically write ``thresholds.json``: {category: image/pixel threshold, quantile, images used, source}."""
+    _atomic_write(Path(path), lambda handle: handle.write(json.dumps(thresholds, indent=2) + "\n"))
+
+
+def decision(score: float, threshold: float | None) -> str:
+    """``NG`` (anomalous) when the score exceeds the threshold, ``OK`` otherwise, ``n/a`` without one."""
+    if threshold is None:
+        return "n/a"
+    return "NG" if score > threshold else "OK"
+
+
+class CategoryOutputs:
+    """One category's per-image rows, colour-scale sample and candidate maps for panels.
+
+    Args:
+        category: dataset category name.
+        num_panels: panels to save for the category; None = every image (``module.save_all_overlays``).
+    """
+
+    def __init__(self, category: str, num_panels: int | None) -> None:
+        self.category = category
+        self.num_panels = num_panels
+        self.rows: list[dict[str, Any]] = []
+        self.maps: dict[int, np.ndarray] = {}  # index in loader order -> (S, S) float16 map
+        self._samples: list[np.ndarray] = []
+
+    def add(self, batch: dict, scores: Tensor, maps: Tensor) -> None:
+        """Record a batch in loader order.
+
+        Args:
+            batch: the test batch (``path``, ``label``, ``defect_type``, ``has_mask``).
+            scores: (B,) image scores.
+            maps: (B, S, S) anomaly maps.
+        """
+        scores_np = scores.detach().float().cpu().numpy()
+        maps_np = maps.detach().float().cpu().numpy()
+        step = max(1, maps_np[0].size // MAP_SAMPLE) if len(maps_np) else 1
+        self._samples.append(maps_np.reshape(len(maps_np), -1)[:, ::step].ravel())
+        for i in range(len(scores_np)):
+            index = len(self.rows)
+            self.rows.append({
+                "path": str(batch["path"][i]), "category": self.category, "label": int(batch["label"][i]),
+                "defect_type": str(batch["defect_type"][i]), "has_mask": bool(batch["has_mask"][i]),
+                "image_score": float(scores_np[i]), "max_pixel_score": float(maps_np[i].max()),
+            })  # fmt: skip
+            self.maps[index] = maps_np[i].astype(np.float16)  # display only: half the memory
+        if self.num_panels is not None:
+            keep = keep_set(*self._columns(), self.num_panels)
+            self.maps = {i: m for i, m in self.maps.items() if i in keep}
+
+    def _columns(self) -> tuple[list[float], list[int], list[str]]:
+        return ([r["image_score"] for r in self.rows], [r["label"] for r in self.rows],
+                [r["defect_type"] for r in self.rows])  # fmt: skip
+
+    def finish(self, threshold: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows with the category's thresholds, their source and the OK / NG decision."""
+        t_image, t_pixel = threshold.get("image_threshold"), threshold.get("pixel_threshold")
+        for row in self.rows:
+            row.update(image_threshold=t_image, pixel_threshold=t_pixel, threshold_source=threshold["source"],
+                       decision=decision(row["image_score"], t_image))  # fmt: skip
+        return self.rows
+
+    def scale(self) -> tuple[float, float]:
+        """The category's colour scale: (1st, 99th) percentile of its sampled map values."""
+        return colour_scale(np.concatenate(self._samples), *SCALE_PERCENTILES) if self._samples else (0.0, 1.0)
+
+    def save_panels(
+        self, dataset: Any, folder: Path, mean: Sequence[float], std: Sequence[float], threshold: dict[str, Any]
+    ) -> list[Path]:
+        """Draw and save the chosen panels (`vlmad.viz.select_panels`) as ``NN_<reason>_<defect>_<stem>.png``.
+
+        Args:
+            dataset: the category's test dataset (same order as the loader): images are read back for the panels.
+            folder: ``heatmaps/<category>``.
+            mean: normalisation mean of the transform.
+            std: normalisation std.
+            threshold: the category's thresholds (``finish`` has been called).
+
+        Returns:
+            The written files.
+        """
+        picks = select_panels(*self._columns(), self.num_panels, threshold.get("image_threshold"))
+        vmin, vmax = self.scale()
+        note = f"{vmin:.3g}..{vmax:.3g} = p{SCALE_PERCENTILES[0]:g}-p{SCALE_PERCENTILES[1]:g} of {self.category}'s maps"
+        written = []
+        for k, (index, reason) in enumerate(picks):
+            row, sample = self.rows[index], dataset[index]
+            orig = sample.get("orig_size")  # native aspect ratio: the squashed model input is stretched back
+            size = display_size([int(v) for v in orig] if orig is not None else sample["image"].shape[-2:])
+            image = resize_array(denormalize_image(sample["image"], mean, std), size, "image")
+            amap = resize_array(self.maps[index].astype(np.float32), size, "map")
+            gt = resize_array(sample["mask"].numpy(), size, "mask") if row["has_mask"] else None
+            panel = render_panel(image, amap, gt, (vmin, vmax), self._header(row, reason), note,
+                                 threshold.get("pixel_threshold"))  # fmt: skip
+            path = folder / f"{k:02d}_{reason}_{row['defect_type']}_{Path(row['path']).stem}.png"
+            save_png(path, panel)
+            written.append(path)
+        return written
+
+    def _header(self, row: dict[str, Any], reason: str) -> list[str]:
+        kind = "ANOMALOUS" if row["label"] else "normal"
+        t = row["image_threshold"]
+        verdict = f"{row['decision']} at image threshold {t:.4g}" if t is not None else "no decision"
+        return [
+            f"{self.category} / {row['defect_type']}  label: {kind}  shown as: {reason}  ({Path(row['path']).name})",
+            f"image score {row['image_score']:.4f}  max pixel {row['max_pixel_score']:.4f}  {verdict}",
+            f"threshold: {row['threshold_source']}",
+        ]
