@@ -1,7 +1,8 @@
 """Comparison driver: several member runs on one target set, merged into one side-by-side table.
 
-``python train.py experiment=comparison data.root=<visa> test_data.root=<mvtec>`` (train.py dispatches here
-when the config has a ``comparison`` node). Each member of ``comparison.members`` is composed with
+``python -m vlmad.compare data.root=<visa> test_data.root=<mvtec>`` (its own entry point, not a Hydra app:
+``experiment=comparison`` by default, any experiment with a ``comparison`` node, e.g. ``experiment=demo``).
+Each member of ``comparison.members`` is composed with
 `vlmad.config.compose` from its own overrides plus the comparison's command-line overrides (so ``backbone=tiny``
 reaches every member), gets the comparison's resolved ``data``/``test_data`` nodes (training members fit on
 ``data`` and test on ``test_data``; evaluate-only members evaluate ``test_data``), runs in
@@ -11,11 +12,9 @@ reaches every member), gets the comparison's resolved ``data``/``test_data`` nod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +49,6 @@ def _merge(*override_lists: list[str]) -> list[str]:
             merged.pop(_key(override), None)
             merged[_key(override)] = override
     return list(merged.values())
-
-
-@contextlib.contextmanager
-def _hydra_state() -> Iterator[None]:
-    """Restore the global Hydra state after composing members (the calling Hydra app keeps its own)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-
-    backup, hydra_cfg = get_gh_backup(), HydraConfig.instance().cfg
-    try:
-        yield
-    finally:
-        restore_gh_from_backup(backup)
-        HydraConfig.instance().cfg = hydra_cfg
 
 
 def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictConfig:
@@ -158,20 +143,19 @@ def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     failed: dict[str, str] = {}
     status = {"status": "running", "members": list(cfg.comparison.members), "overrides": shared}
     (out / "comparison.json").write_text(json.dumps(status, indent=2))
-    with _hydra_state():
-        for name, member in cfg.comparison.members.items():
-            label, member_cfg = member.get("label", name), None
-            try:
-                member_cfg = compose_member(ctx, name, member)
-                write_run_json(member_cfg.paths.output_dir, run_info(member_cfg, status="running"))
-                fn = train if member.get("task", "evaluate") == "train" else evaluate
-                results[label], _ = fn(member_cfg)
-                published[label] = member_cfg.published
-            except Exception as err:  # one failing member must not lose the others' results
-                log.exception("comparison member %s failed", name)
-                failed[name] = f"{type(err).__name__}: {err}"
-                if member_cfg is not None:
-                    write_run_json(member_cfg.paths.output_dir, run_info(member_cfg, "failed", error=failed[name]))
+    for name, member in cfg.comparison.members.items():
+        label, member_cfg = member.get("label", name), None
+        try:
+            member_cfg = compose_member(ctx, name, member)
+            write_run_json(member_cfg.paths.output_dir, run_info(member_cfg, status="running"))
+            fn = train if member.get("task", "evaluate") == "train" else evaluate
+            results[label], _ = fn(member_cfg)
+            published[label] = member_cfg.published
+        except Exception as err:  # one failing member must not lose the others' results
+            log.exception("comparison member %s failed", name)
+            failed[name] = f"{type(err).__name__}: {err}"
+            if member_cfg is not None:
+                write_run_json(member_cfg.paths.output_dir, run_info(member_cfg, "failed", error=failed[name]))
     title = cfg.comparison.get("title", "comparison") + f" — {_target(cfg)} ({cfg.test_data.get('root')})"
     if cfg.backbone.pretrained is None and "tiny" in str(cfg.backbone.model_name):
         title += " — RANDOM-WEIGHTS tiny CLIP (pipeline check only)"
@@ -191,19 +175,37 @@ def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     return table, {"members": results, "failed": failed}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m vlmad.compare [overrides...]``: compose train.yaml with the overrides and run it."""
-    import sys
+def compose_comparison(overrides: list[str]) -> DictConfig:
+    """train.yaml with ``experiment=comparison`` (unless another experiment is given) and the overrides.
+
+    Writes to ``paths.output_dir`` if given, else ``outputs/comparison/<time>``.
+
+    Raises:
+        ConfigError: the experiment has no ``comparison`` node.
+    """
     from datetime import datetime
 
     from vlmad.config import compose
+    from vlmad.errors import ConfigError
 
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    overrides = list(overrides)
     if not any(_key(o) == "experiment" for o in overrides):
         overrides.insert(0, "experiment=comparison")
     out = next((o.split("=", 1)[1] for o in overrides if _key(o) == "paths.output_dir"), None)
     overrides = [o for o in overrides if _key(o) != "paths.output_dir"]
-    run(compose("train", overrides, out or f"outputs/comparison/{datetime.now():%Y-%m-%d_%H-%M-%S}"))
+    cfg = compose("train", overrides, out or f"outputs/comparison/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    if "comparison" not in cfg:
+        raise ConfigError(f"{' '.join(overrides)}: no `comparison` node (use experiment=comparison or demo)")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlmad.compare [overrides...]``: run a comparison (a user error: one line, exit code 2)."""
+    import sys
+
+    from vlmad.errors import exit_on_user_error
+
+    exit_on_user_error(lambda: run(compose_comparison(sys.argv[1:] if argv is None else argv)))()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from vlmad.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
 
+COMPARISON_HINT = ("a comparison runs several methods: `python -m vlmad.compare experiment=<comparison|demo> ...` "
+                   "({script} runs one method)")  # fmt: skip
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file and rename, so a killed run never leaves a torn checkpoint."""
@@ -136,8 +139,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, An
         per-category metrics incl. the ``mean`` row, and the built objects.
     """
     if "comparison" in cfg:
-        raise ConfigError("experiment=comparison trains and evaluates several methods: run it with "
-                          "`python train.py experiment=comparison ...` (evaluate.py runs one method)")  # fmt: skip
+        raise ConfigError(COMPARISON_HINT.format(script="evaluate.py"))
     checkpoint = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # a bad file fails in seconds
     objects = build(cfg, fit=False)
     if checkpoint is not None:
@@ -157,6 +159,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]
 
     ``ckpt_path`` resumes an interrupted run from its ``last.ckpt``.
     """
+    if "comparison" in cfg:
+        raise ConfigError(COMPARISON_HINT.format(script="train.py"))
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)  # a missing or truncated file fails in seconds, naming it
         for stale in remove_partial_writes(Path(cfg.ckpt_path).parent):

@@ -88,7 +88,7 @@ def test_evaluate_refuses_the_comparison_experiment(make_cfg):
     from vlmad.errors import ConfigError
     from vlmad.run import evaluate
 
-    with pytest.raises(ConfigError, match=r"train\.py experiment=comparison"):
+    with pytest.raises(ConfigError, match=r"python -m vlmad\.compare experiment="):
         evaluate(make_cfg("evaluate", "experiment=comparison"))
 
 
