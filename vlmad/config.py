@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _conf_dir() -> Path:
+    """``conf/``: inside the installed package (a wheel), else the checkout's top-level folder.
+
+    In a checkout ``vlmad/conf`` is a symlink to ``../conf`` (what the wheel build copies), so both resolve
+    to the same files; the fallback covers a checkout whose file system dropped the symlink.
+    """
+    packaged = Path(__file__).resolve().parent / "conf"
+    return packaged.resolve() if (packaged / "train.yaml").is_file() else Path(__file__).resolve().parents[1] / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 _FRESH: dict[str, str] = {}  # this process's answers: one run folder per run, however often it is resolved
@@ -34,6 +47,30 @@ def fresh_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("fresh_dir", fresh_dir, use_cache=True, replace=True)
+
+
+def stdout_is_tty() -> bool:
+    """Whether stdout is a terminal: progress bars redraw with ``\\r``, which only a terminal renders."""
+    return sys.stdout.isatty()
+
+
+def job_dirname(num: int | str, override_dirname: str, limit: int = 120) -> str:
+    """A sweep job's folder: ``3_method.k_shot=2,seed=1`` (its number, then its overrides), file-system safe.
+
+    Args:
+        num: ``hydra.job.num``.
+        override_dirname: ``hydra.job.override_dirname`` (paths and roots excluded in conf/hydra/default.yaml).
+        limit: longest name kept; a longer one is cut (the number keeps it unique).
+
+    Returns:
+        ``<num>_<overrides>``, or ``<num>`` when the job has no overrides left.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._=,+\-]+", "_", str(override_dirname)).strip("_")[:limit]
+    return f"{num}_{safe}" if safe else str(num)
+
+
+OmegaConf.register_new_resolver("stdout_is_tty", stdout_is_tty, replace=True)
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
 def compose(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
