@@ -197,9 +197,10 @@ def export_graph(method: AnomalyMethod, class_name: str) -> nn.Module:
         ExportError: transductive methods and unknown method types.
     """
     if getattr(method, "transductive", False):
+        hint = " or method.image_fusion=fixed (a per-image k-shot score)" if isinstance(method, AprilGAN) else ""
         raise ExportError(
-            f"{type(method).__name__} is transductive (it scores a category's images together), so it has no "
-            "per-image graph to export; run it with python -m vlmad.predict (torch backend)."
+            f"{type(method).__name__} is transductive here (it scores a category's images together), so it has no "
+            f"per-image graph to export: score it with python -m vlmad.predict (torch backend){hint}."
         )
     method = method.eval()
     if isinstance(method, WinCLIP):
