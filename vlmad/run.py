@@ -19,6 +19,7 @@ from vlmad.checkpoint import atomic_torch_save, load_method_weights, read_checkp
 from vlmad.data import validate_data
 from vlmad.errors import ConfigError, one_line
 from vlmad.loggers import finish_wandb, log_test_report
+from vlmad.logs import to_log_file
 from vlmad.metrics.table import format_table, write_csv
 from vlmad.report import run_info, write_run_json
 
@@ -86,7 +87,9 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     protocol = _protocol(cfg)
     # provenance for vlmad.report (sweeps, comparisons); transductive results carry their protocol everywhere
     write_run_json(out, {**run_info(cfg, status="done"), "protocol": protocol})
-    print(format_table(results, title=title), flush=True)
+    table = format_table(results, title=title)
+    print(table, flush=True)
+    to_log_file(table)  # the table in <run dir>/<task>.log too, without printing it twice
     log.info("metrics written to %s", out / "metrics.csv")
     log_test_report(out, title, protocol=protocol)  # per-category table and heatmaps to the active W&B run, if any
 
