@@ -116,7 +116,7 @@ def _load_model(model_name: str, pretrained: str | None, force_quick_gelu: bool,
         warnings.warn(
             f"backbone {model_name!r} has RANDOM weights (backbone.pretrained=null): scores show the pipeline, "
             "not the method's quality.",
-            stacklevel=3,
+            stacklevel=2,  # ClipBackbone(...) in vlmad, not the caller (often Hydra's instantiate)
         )
         return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
     if Path(pretrained).expanduser().is_file():
