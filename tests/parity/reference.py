@@ -7,6 +7,8 @@ with is named inside the fixture, never assumed here.
 
 from __future__ import annotations
 
+import io
+import lzma
 import os
 from pathlib import Path
 
@@ -25,14 +27,17 @@ def fixture_root() -> Path:
 
 def fixture_files(method: str) -> list[Path]:
     """Every fixture of a method folder (sorted); fails loudly if there is none."""
-    files = sorted((fixture_root() / method).glob("*.pt"))
+    folder = fixture_root() / method
+    files = sorted([*folder.glob("*.pt"), *folder.glob("*.pt.xz")])  # .xz: a copy kept under the repo's size limit
     if not files:
         raise FileNotFoundError(f"no *.pt fixtures in {fixture_root() / method}")
     return files
 
 
 def load_fixture(path: Path) -> dict:
-    """A fixture dict of plain tensors, numbers and strings."""
+    """A fixture dict of plain tensors, numbers and strings (``*.pt``, or an xz-compressed ``*.pt.xz``)."""
+    if path.suffix == ".xz":
+        return torch.load(io.BytesIO(lzma.decompress(path.read_bytes())), weights_only=True)
     return torch.load(path, weights_only=True)
 
 
