@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install test test-all parity lint format demo bench smoke train evaluate report clean
+.PHONY: help install test test-all parity lint format demo bench gpu-check smoke train evaluate report clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ demo: $(STAMP) ## generate synthetic data, run the method comparison on the tiny
 
 bench: $(STAMP) ## speed benchmarks (random weights, CPU)
 	$(BIN)/python -m vlmad.bench $(ARGS)
+
+gpu-check: $(STAMP) ## one CUDA GPU, < 5 min: every method fp32 vs bf16 (img/s, memory, agreement) -> gpu_check.json
+	$(BIN)/python -m vlmad.bench gpu_check $(ARGS)
 
 smoke: $(STAMP) ## seconds-long train+test on synthetic data
 	$(BIN)/python train.py experiment=smoke $(ARGS)

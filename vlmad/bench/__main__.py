@@ -5,7 +5,9 @@ Sections: ``winclip`` (ViT-B-16-plus-240, batch 1 and 8, zero-shot and 1-shot vs
 (AnomalyCLIP seconds per epoch on a small generated auxiliary set, without and with the feature cache),
 ``sweep`` (a WinCLIP k-shot x reference-draw sweep without cache, with a cold and a warm disk cache),
 ``musc`` (ViT-L-14-336 at 518 px: encode and mutual-scoring time of a 5-image category on CPU, of a 200-image
-category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of the same block).
+category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of the same block), ``pipeline``
+(images/s of decoding + resizing + normalising at 518 px through the real dataset and DataLoader, beside the
+model's images/s). ``gpu_check`` (not in the default run: ``make gpu-check``) is vlmad.bench.gpu_check.
 Random weights cost exactly what trained weights cost; no quality is measured here.
 """
 
@@ -16,14 +18,25 @@ import time
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the selected sections and print their tables."""
+    """Run the selected sections and print their tables (``gpu_check`` hands its arguments to its own parser)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gpu_check"]:
+        from vlmad.bench import gpu_check
+
+        gpu_check.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep", "musc"])
+    parser.add_argument(
+        "sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep", "musc", "pipeline"]
+    )
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cuda={torch.cuda.is_available()}")
+    done: dict[str, list[dict]] = {}
     for section in args.sections:
         start = time.perf_counter()
         if section == "winclip":
@@ -52,8 +65,17 @@ def main(argv: list[str] | None = None) -> None:
                 rows = [*bench.run(**gpu), *bench.run(**gpu, distance_dtype="bf16")]
             else:
                 rows = bench.run()
+        elif section == "pipeline":
+            from vlmad.bench import pipeline as bench
+
+            # the model's 518 px rate: reused from the anomalyclip section when it ran (batch 1, CPU), else measured
+            given = [(1 / r["anomalyclip_s"], f"AnomalyCLIP {r['backbone']} b1 518 px, {r['device']} (anomalyclip)")
+                     for r in done.get("anomalyclip", []) if r["image_size"] == 518]  # fmt: skip
+            quick = {"image_size": 64, "n_images": 8, "source_size": 96, "model": "vlmad-tiny"}
+            rows = bench.run(**quick) if args.quick else bench.run(model_rate_given=(given or [None])[0])
         else:
-            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training, sweep, musc)")
+            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training, sweep, musc, pipeline)")
+        done[section] = rows
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)
 
 
