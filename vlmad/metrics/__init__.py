@@ -1,22 +1,56 @@
-"""Anomaly-detection metrics: AUROC, AP, F1-max, AUPRO (official and legacy) and result tables."""
+"""Anomaly-detection metrics: AUROC, AP, F1-max, AUPRO (official and legacy) and result tables.
 
-from vlmad.metrics.anomaly_metrics import METRIC_NAMES, AnomalyMetrics, binary_curve_metrics
-from vlmad.metrics.aupro import aupro, aupro_legacy, label_regions, pixel_metrics, pro_curve, sort_pixels
-from vlmad.metrics.table import format_markdown, format_table, read_csv, summarise, write_csv
+Names are imported lazily (PEP 562): the tables (``vlmad.metrics.table``) read and write CSVs without torch, so
+``python -m vlmad.report`` never imports it.
+"""
 
-__all__ = [
-    "METRIC_NAMES",
-    "AnomalyMetrics",
-    "aupro",
-    "aupro_legacy",
-    "binary_curve_metrics",
-    "format_markdown",
-    "format_table",
-    "label_regions",
-    "pixel_metrics",
-    "pro_curve",
-    "read_csv",
-    "sort_pixels",
-    "summarise",
-    "write_csv",
-]
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
+_EXPORTS = {
+    "AnomalyMetrics": "anomaly_metrics",
+    "binary_curve_metrics": "anomaly_metrics",
+    "aupro": "aupro",
+    "aupro_legacy": "aupro",
+    "label_regions": "aupro",
+    "pixel_metrics": "aupro",
+    "pro_curve": "aupro",
+    "sort_pixels": "aupro",
+    "METRIC_NAMES": "names",
+    "UndefinedMetricWarning": "names",
+    "format_markdown": "table",
+    "format_table": "table",
+    "read_csv": "table",
+    "summarise": "table",
+    "write_csv": "table",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vlmad.metrics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vlmad.metrics.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+class _Package(types.ModuleType):
+    """``aupro`` is a submodule and its main function: the package attribute stays the function, as before."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)  # the import system binds the submodule here once it has loaded
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

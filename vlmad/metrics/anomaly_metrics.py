@@ -11,22 +11,11 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
 
 from vlmad.metrics.aupro import aupro_legacy, pixel_metrics
+from vlmad.metrics.names import METRIC_NAMES, UndefinedMetricWarning
 
-METRIC_NAMES: list[str] = [
-    "image_auroc",
-    "image_ap",
-    "image_f1max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1max",
-    "pixel_aupro",
-]
+__all__ = ["METRIC_NAMES", "AnomalyMetrics", "UndefinedMetricWarning", "binary_curve_metrics"]
 
 _NAN = float("nan")
-
-
-class UndefinedMetricWarning(UserWarning):
-    """A metric is undefined for a category (one class only) and left out of the mean."""
 
 
 @contextlib.contextmanager

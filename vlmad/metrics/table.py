@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from vlmad.data.records import DataError, csv_lines, short
-from vlmad.metrics.anomaly_metrics import METRIC_NAMES, UndefinedMetricWarning
+from vlmad.io import atomic_write
+from vlmad.metrics.names import METRIC_NAMES, UndefinedMetricWarning
 
 MEAN_ROW = "mean"
 # Trailing metrics.csv columns: how many categories a row's image / pixel metrics average (a category row: 1,
@@ -97,6 +98,37 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def render_table(header: list[str], rows: list[list[str]], markdown: bool = False, n_left: int = 1,
+                 rules_before: tuple[int, ...] = ()) -> str:  # fmt: skip
+    """The one table renderer: fixed-width text or GitHub markdown from cells already formatted.
+
+    Args:
+        header: column names.
+        rows: one list of cells per row, as long as ``header``.
+        markdown: a markdown table instead of fixed-width text.
+        n_left: the first ``n_left`` columns are left-aligned (labels), the rest right-aligned (numbers).
+        rules_before: text only: row indices preceded by a separator line (e.g. the mean row).
+
+    Returns:
+        The table as one string, without a trailing newline.
+    """
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * n_left + "---:|" * (len(header) - n_left)]
+        return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < n_left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    first = line(header)
+    out = [first, "-" * len(first)]
+    for i, cells in enumerate(rows):
+        out += ["-" * len(first)] * (i in rules_before) + [line(cells)]
+    return "\n".join(out)
+
+
 def format_table(rows: dict[str, dict[str, float]], title: str | None = None) -> str:
     """Fixed-width text table in percent with one decimal; `mean` last, after a separator line.
 
@@ -107,22 +139,11 @@ def format_table(rows: dict[str, dict[str, float]], title: str | None = None) ->
     Returns:
         The table as one string.
     """
-    columns = _columns(rows)
-    names = _ordered(rows)
-    first = max([len("category"), *(len(n) for n in names)])
-    widths = [max(len(c), 5) for c in columns]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join([cells[0].ljust(first), *(c.rjust(w) for c, w in zip(cells[1:], widths, strict=True))])
-
-    header = line(["category", *columns])
-    out = [title] if title else []
-    out += [header, "-" * len(header)]
-    for name in names:
-        if name == MEAN_ROW and len(names) > 1:
-            out.append("-" * len(header))
-        out.append(line([name, *(_percent(rows[name].get(c)) for c in columns)]))
-    return "\n".join(out + coverage_notes(rows))
+    columns, names = _columns(rows), _ordered(rows)
+    cells = [[name, *(_percent(rows[name].get(c)) for c in columns)] for name in names]
+    rule = (len(names) - 1,) if names[-1:] == [MEAN_ROW] and len(names) > 1 else ()
+    table = render_table(["category", *columns], cells, rules_before=rule)
+    return "\n".join(([title] if title else []) + [table] + coverage_notes(rows))
 
 
 def format_markdown(rows: dict[str, dict[str, float]], title: str | None = None) -> str:
@@ -136,14 +157,12 @@ def format_markdown(rows: dict[str, dict[str, float]], title: str | None = None)
         The markdown as one string.
     """
     columns = _columns(rows)
-    out = [f"**{title}**", ""] if title else []
-    out += ["| category | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name in _ordered(rows):
-        cells = [_percent(rows[name].get(c)) for c in columns]
-        label = f"**{name}**" if name == MEAN_ROW else name
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = [[f"**{n}**" if n == MEAN_ROW else n, *(_percent(rows[n].get(c)) for c in columns)] for n in _ordered(rows)]
     notes = coverage_notes(rows)
-    return "\n".join(out + (["", *notes] if notes else []))
+    out = [f"**{title}**", ""] if title else []
+    return "\n".join(
+        [*out, render_table(["category", *columns], cells, markdown=True), *(["", *notes] if notes else [])]
+    )
 
 
 def write_csv(path: str | os.PathLike, rows: dict[str, dict[str, float]]) -> None:
@@ -156,23 +175,16 @@ def write_csv(path: str | os.PathLike, rows: dict[str, dict[str, float]]) -> Non
         path: destination file; parent folders are created.
         rows: {category: {metric: fraction}}.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = _columns(rows)
     counts = category_counts(rows)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["category", *columns, *COUNT_COLUMNS])
-            for name in _ordered(rows):
-                values = [rows[name].get(c, math.nan) for c in columns]
-                cells = ["nan" if math.isnan(v) else repr(float(v)) for v in values]
-                writer.writerow([name, *cells, *(counts[name][c] for c in COUNT_COLUMNS)])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["category", *columns, *COUNT_COLUMNS])
+    for name in _ordered(rows):
+        values = [rows[name].get(c, math.nan) for c in columns]
+        cells = ["nan" if math.isnan(v) else repr(float(v)) for v in values]
+        writer.writerow([name, *cells, *(counts[name][c] for c in COUNT_COLUMNS)])
+    atomic_write(path, text.getvalue())
 
 
 def read_csv(path: str | os.PathLike) -> dict[str, dict[str, float]]:
