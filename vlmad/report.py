@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
+import re
 import socket
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from vlmad.metrics.table import MEAN_ROW, read_csv
+from vlmad.config import target_name
+from vlmad.io import atomic_write, atomic_write_json
+from vlmad.metrics.table import MEAN_ROW, read_csv, render_table
 from vlmad.published import PUBLISHED, lookup
 
 RUN_JSON = "run.json"
@@ -43,13 +46,9 @@ _NOT_A_SETTING_TREE = ("paths", "hydra", "backbone", "data", "test_data", "logge
 
 
 # ----------------------------------------------------------------------------------------------- run.json
-def _name(node: Any) -> str:
-    return str(node._target_).rsplit(".", 1)[-1]
-
-
 def _dataset(node: DictConfig) -> str:
     """``MVTec`` / ``VisA`` / ``Synthetic[mvtec]`` / ``Folder``."""
-    return _name(node) + (f"[{node.layout}]" if node.get("layout") else "")
+    return target_name(node) + (f"[{node.layout}]" if node.get("layout") else "")
 
 
 def _hydra_node(cfg: DictConfig) -> Any:
@@ -80,7 +79,7 @@ def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, A
     return {
         "status": status,
         "task": cfg.get("task_name"),
-        "method": _name(cfg.method),
+        "method": target_name(cfg.method),
         "eval_set": _dataset(target),
         "eval_root": str(target.get("root")),
         "eval_categories": OmegaConf.to_container(target.categories) if target.get("categories") else None,
@@ -110,13 +109,13 @@ def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, A
 
 def write_run_json(out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Atomically write ``run.json`` into ``out_dir``."""
-    path = Path(out_dir) / RUN_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".run.json.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(info, handle, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(out_dir) / RUN_JSON, info)
+
+
+def natural_key(value: Any) -> tuple:
+    """Sort key putting ``k_shot`` 2 before 10 and ``2_seed=1`` before ``10_seed=0``: digit runs compare as numbers."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", "" if value is None else str(value))
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts) if p)
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -141,7 +140,7 @@ def collect(root: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[st
     root = Path(root)
     dirs = {p.parent for p in root.rglob(RUN_JSON)} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
     done, failed = [], []
-    for d in sorted(dirs):
+    for d in sorted(dirs, key=lambda p: natural_key(p.relative_to(root).as_posix())):
         if (d / "comparison.json").exists():
             continue
         info = json.loads((d / RUN_JSON).read_text()) if (d / RUN_JSON).exists() else None
@@ -191,7 +190,7 @@ def aggregate(runs: list[dict[str, Any]], per_category: bool = False, ddof: int 
     for run in runs:
         groups.setdefault(tuple(str(run["info"].get(f)) for f in GROUP_FIELDS), []).append(run)
     out = []
-    for members in groups.values():
+    for _, members in sorted(groups.items(), key=lambda item: [natural_key(v) for v in item[0]]):
         fields = {f: members[0]["info"].get(f) for f in GROUP_FIELDS}
         fields = {f: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in fields.items()}
         categories = list(dict.fromkeys(c for m in members for c in m["rows"] if c != MEAN_ROW))
@@ -235,13 +234,7 @@ def format_report(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     group_cols, metric_cols = _display_columns(rows)
     columns = [*group_cols, *metric_cols]
     cells = [[_cell(r, c) for c in columns] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(group_cols) + "---:|" * len(metric_cols)]
-        return "\n".join([*lines, *("| " + " | ".join(c) + " |" for c in cells)])
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("-" * len(lines[0]))
-    return "\n".join([*lines, *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells)])
+    return render_table(columns, cells, markdown=markdown, n_left=len(group_cols))
 
 
 def _format_failed(failed: list[dict[str, Any]]) -> str:
@@ -258,10 +251,11 @@ def report(root: str | os.PathLike, per_category: bool = False, ddof: int = 0) -
     runs, failed = collect(root)
     rows = aggregate(runs, per_category=per_category, ddof=ddof)
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with (root / "report.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(root / "report.csv", text.getvalue())
     n_groups = len({tuple(str(r[f]) for f in GROUP_FIELDS) for r in rows})
     title = f"{len(runs)} finished run(s) in {n_groups} group(s); mean ± std over seeds (percent); (paper) = published"
     md = [f"**{title}**", "", format_report(rows, markdown=True) if rows else "(no finished runs)"]
@@ -269,7 +263,7 @@ def report(root: str | os.PathLike, per_category: bool = False, ddof: int = 0) -
     if failed:
         md += ["", f"**Failed or incomplete ({len(failed)})**", "", _format_failed(failed)]
         text += ["", f"Failed or incomplete ({len(failed)}):", _format_failed(failed)]
-    (root / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write(root / "report.md", "\n".join(md) + "\n")
     print("\n".join(text), flush=True)
     return {"rows": rows, "runs": runs, "failed": failed}
 
