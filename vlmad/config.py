@@ -89,3 +89,9 @@ def compose(config_name: str, overrides: list[str], output_dir: str | Path) -> D
         cfg = hydra_compose(config_name, [*overrides, f"paths.output_dir={output_dir}"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def target_name(node: object) -> str:
+    """The class or function name of a config node's ``_target_`` (or of a dotted path): ``WinCLIP``, ``MVTec``."""
+    target = node if isinstance(node, str) else node._target_  # type: ignore[attr-defined]
+    return str(target).rsplit(".", 1)[-1]
