@@ -7,7 +7,9 @@ Sections: ``winclip`` (ViT-B-16-plus-240, batch 1 and 8, zero-shot and 1-shot vs
 ``musc`` (ViT-L-14-336 at 518 px: encode and mutual-scoring time of a 5-image category on CPU, of a 200-image
 category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of the same block), ``pipeline``
 (images/s of decoding + resizing + normalising at 518 px through the real dataset and DataLoader, beside the
-model's images/s). ``gpu_check`` (not in the default run: ``make gpu-check``) is vlmad.bench.gpu_check.
+model's images/s), ``export`` (each method at its paper backbone: CPU images/s in torch, ONNX Runtime and
+OpenVINO side by side, vlmad.bench.export). ``gpu_check`` (not in the default run: ``make gpu-check``) is
+vlmad.bench.gpu_check.
 Random weights cost exactly what trained weights cost; no quality is measured here.
 """
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep", "musc", "pipeline"]
+        "sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep", "musc", "pipeline", "export"]
     )
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
@@ -73,8 +75,14 @@ def main(argv: list[str] | None = None) -> None:
                      for r in done.get("anomalyclip", []) if r["image_size"] == 518]  # fmt: skip
             quick = {"image_size": 64, "n_images": 8, "source_size": 96, "model": "vlmad-tiny"}
             rows = bench.run(**quick) if args.quick else bench.run(model_rate_given=(given or [None])[0])
+        elif section == "export":
+            from vlmad.bench import export as bench
+
+            rows = bench.run(backbone_name="vlmad-tiny") if args.quick else bench.run()
         else:
-            raise SystemExit(f"unknown section {section!r} (winclip, anomalyclip, training, sweep, musc, pipeline)")
+            raise SystemExit(
+                f"unknown section {section!r} (winclip, anomalyclip, training, sweep, musc, pipeline, export)"
+            )
         done[section] = rows
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)
 
