@@ -16,17 +16,15 @@ same content. A directory that cannot be written is reported once and the run co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import threading
-import uuid
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from vlmad.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +44,7 @@ def save_entry(path: Path, key: str, value: object) -> None:
     Raises:
         OSError: the directory cannot be created or written (the temporary file is removed).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "value": value}, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save({"key": key, "value": value}, handle))
 
 
 def load_entry(path: Path, key: str, what: str = "cache entry") -> object | None:

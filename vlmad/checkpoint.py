@@ -8,13 +8,13 @@ instead of loading silently. The official AnomalyCLIP and APRIL-GAN ``.pth`` fil
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlmad.errors import VlmadError
+from vlmad.io import atomic_write
 from vlmad.methods.base import AnomalyMethod
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,7 @@ class CheckpointMismatchError(VlmadError, RuntimeError):
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a per-process temporary file, then ``os.replace``: a killed write never tears ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import zlib
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from PIL import Image
 from vlmad.data.mvtec import MVTec
 from vlmad.data.records import Reader, Record
 from vlmad.data.visa import VisA
+from vlmad.io import atomic_write
 
 MVTEC_CATEGORIES = ["carpet_syn", "grid_syn", "bottle_syn", "nut_syn"]
 # Different products from the MVTec-format ones, so fitting on one and testing on the other is a transfer.
@@ -264,9 +264,7 @@ def generate(
         with (root / "split_csv" / "1cls.csv").open("w", newline="") as f:
             csv.writer(f).writerows([["object", "split", "label", "image", "mask"], *rows])
     # The marker goes last and atomically: an interrupted run leaves no marker and is redone.
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(args, sort_keys=True))
-    os.replace(tmp, marker)
+    atomic_write(marker, json.dumps(args, sort_keys=True))
     return root
 
 
