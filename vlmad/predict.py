@@ -32,6 +32,7 @@ from vlmad.checkpoint import load_method_weights
 from vlmad.config import CONF_DIR as CONF
 from vlmad.data import Preprocess, load_image
 from vlmad.errors import VlmadError, exit_on_user_error
+from vlmad.io import atomic_write_json
 from vlmad.methods.base import AnomalyMethod
 from vlmad.viz import denormalize_image, overlay_panel, save_png
 
@@ -193,19 +194,13 @@ def _read_threshold(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def _save_beside_checkpoint(ckpt_path: str, data: dict[str, Any]) -> None:
     target = Path(ckpt_path + ".threshold.json")
     if target.exists():
         if json.loads(target.read_text()) != json.loads(json.dumps(data)):
             log.warning("%s exists with other thresholds: not overwritten (new ones only in the run dir)", target)
         return
-    _write_json_atomic(target, data)
+    atomic_write_json(target, data)
     log.info("thresholds saved beside the checkpoint: %s", target)
 
 
@@ -355,7 +350,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         method.prepare(cfg.class_name, references)
         threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
         score_batch = _torch_scorer(method, cfg.class_name)
-    _write_json_atomic(out / "threshold.json", threshold)
+    atomic_write_json(out / "threshold.json", threshold)  # readers never see a half-written file
     image_t, pixel_t = float(threshold["image_threshold"]), float(threshold["pixel_threshold"])
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
