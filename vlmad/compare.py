@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vlmad.metrics.table import MEAN_ROW, format_markdown, format_table
+from vlmad.config import target_name
+from vlmad.metrics.table import MEAN_ROW, format_markdown, format_table, render_table
 from vlmad.published import lookup
 from vlmad.report import run_info, write_run_json
 
@@ -81,7 +82,7 @@ def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictCo
 
 
 def _target(cfg: DictConfig) -> str:
-    return str(cfg.test_data._target_).rsplit(".", 1)[-1]
+    return target_name(cfg.test_data)
 
 
 def _hydra(cfg: DictConfig) -> Any:
@@ -114,11 +115,10 @@ def _write_wide(path: Path, table: dict[str, dict[str, float]]) -> None:
 
 def _markdown_wide(table: dict[str, dict[str, float]], title: str) -> str:
     columns = list(dict.fromkeys(c for row in table.values() for c in row))
-    out = [f"**{title}**", "", "| category | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name, row in table.items():
-        cells = ["" if math.isnan(row.get(c, math.nan)) else f"{100 * row[c]:.1f}" for c in columns]
-        out.append(f"| {f'**{name}**' if name.startswith(MEAN_ROW) else name} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    cells = [[f"**{name}**" if name.startswith(MEAN_ROW) else name,
+              *("" if math.isnan(row.get(c, math.nan)) else f"{100 * row[c]:.1f}" for c in columns)]
+             for name, row in table.items()]  # fmt: skip
+    return "\n".join([f"**{title}**", "", render_table(["category", *columns], cells, markdown=True)])
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:

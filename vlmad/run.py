@@ -14,8 +14,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-import vlmad.config  # noqa: F401  (registers the fresh_dir resolver that conf/hydra uses)
 from vlmad.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
+from vlmad.config import target_name  # (importing vlmad.config registers the resolvers that conf/hydra uses)
 from vlmad.data import validate_data
 from vlmad.errors import ConfigError, one_line
 from vlmad.loggers import finish_wandb, log_test_report
@@ -104,7 +104,7 @@ def _protocol(cfg: DictConfig) -> str | None:
 def _title(cfg: DictConfig, data_key: str) -> str:
     k = cfg.method.get("k_shot", 0)
     weights = cfg.backbone.pretrained or "RANDOM WEIGHTS (pipeline check, not method quality)"
-    return (f"{cfg.method._target_.rsplit('.', 1)[-1]} k_shot={k} on {cfg[data_key]._target_.rsplit('.', 1)[-1]} "
+    return (f"{target_name(cfg.method)} k_shot={k} on {target_name(cfg[data_key])} "
             f"| {cfg.backbone.model_name} [{weights}] | {cfg.backbone.image_size}px"
             + (f" | {_protocol(cfg)}" if _protocol(cfg) else ""))  # fmt: skip
 
