@@ -1,3 +1,45 @@
-"""vlmad: zero- and few-shot industrial anomaly detection with vision-language models."""
+"""vlmad: zero- and few-shot industrial anomaly detection with vision-language models.
+
+The public API is imported lazily (PEP 562): ``import vlmad`` loads neither torch nor Lightning, so the
+torch-free runtime :mod:`vlmad.deploy` and ``python -m vlmad.report`` stay light.
+
+    from vlmad import ClipBackbone, WinCLIP
+    method = WinCLIP(ClipBackbone("vlmad-tiny", pretrained=None, image_size=64), k_shot=0)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "AnomalyCLIP": "vlmad.methods",
+    "AnomalyMethod": "vlmad.methods",
+    "AprilGAN": "vlmad.methods",
+    "MuSc": "vlmad.methods",
+    "Prediction": "vlmad.methods",
+    "WinCLIP": "vlmad.methods",
+    "ClipBackbone": "vlmad.backbones",
+    "AnomalyDataModule": "vlmad.data",
+    "AnomalyModule": "vlmad.module",
+    "evaluate": "vlmad.run",
+    "train": "vlmad.run",
+    "compose": "vlmad.config",
+    "CONF_DIR": "vlmad.config",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vlmad' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
