@@ -40,7 +40,8 @@ _NOT_A_SETTING = (
     "seed", "experiment", "ckpt_path", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
     "datamodule.num_workers", "datamodule.batch_size", "published", "method", "method.k_shot", "trainer.max_epochs",
     "datamodule.mask_resize", "module.metrics.pixel_size", "module.metrics.aupro_mode", "run_name", "tags",
-    "module.feature_cache", "module.num_overlays",
+    "module.feature_cache", "module.num_overlays", "module.save_all_overlays", "module.threshold.calibrate",
+    "module.threshold.quantile", "module.threshold.max_images",
 )  # fmt: skip
 _NOT_A_SETTING_TREE = ("paths", "hydra", "backbone", "data", "test_data", "logger")  # the node and all its keys
 
@@ -275,7 +276,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-category", action="store_true", help="one row per category, not only the mean")
     parser.add_argument("--ddof", type=int, default=0, help="std degrees of freedom (0: numpy default)")
     args = parser.parse_args(argv)
-    return report(args.dir, per_category=args.per_category, ddof=args.ddof)
+    result = report(args.dir, per_category=args.per_category, ddof=args.ddof)
+    from vlmad.html_report import write_sweep_report
+
+    print(f"report written to {write_sweep_report(args.dir, result)}", flush=True)
+    return result
 
 
 if __name__ == "__main__":

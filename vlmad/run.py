@@ -92,6 +92,9 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     to_log_file(table)  # the table in <run dir>/<task>.log too, without printing it twice
     log.info("metrics written to %s", out / "metrics.csv")
     log_test_report(out, title, protocol=protocol)  # per-category table and heatmaps to the active W&B run, if any
+    from vlmad.html_report import write_run_report
+
+    log.info("report written to %s", write_run_report(out))  # table, curves, heatmaps: one self-contained file
 
 
 def _protocol(cfg: DictConfig) -> str | None:

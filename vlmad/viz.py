@@ -135,6 +135,7 @@ def save_png(path: str | os.PathLike, array_u8: np.ndarray) -> None:
 
 # ----------------------------------------------------------------------------------------------- panels
 PANEL_LONGEST = 256  # display size of a panel tile's longer side (the image's aspect ratio is kept)
+PANEL_GAP, PANEL_BAR = 4, 90  # pixels between tiles; width of the colour bar column with its numbers
 _TEXT = (20, 20, 20)
 _GT_COLOUR = (255, 0, 0)
 _PRED_COLOUR = (0, 230, 255)
@@ -249,7 +250,7 @@ def render_panel(
     header = [*header, f"colour scale: {scale_note}"]
     font, line = _font(13), 17
     top = line * len(header) + 8
-    bar_w, gap = 90, 4
+    bar_w, gap = PANEL_BAR, PANEL_GAP
     canvas = Image.new("RGB", (4 * width + 3 * gap + bar_w, top + line + height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, text in enumerate(header):

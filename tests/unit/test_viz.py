@@ -1,11 +1,27 @@
-"""Visualisation helpers: shapes, dtypes, ranges and PNG round trip."""
+"""Visualisation helpers: shapes, dtypes, ranges, PNG round trip, labelled panels, panel choice, report curves."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vlmad.viz import colorize, denormalize_image, normalize_map, overlay_panel, save_png
+from vlmad.html_report import roc_pr_points, svg_plot
+from vlmad.outputs import CategoryOutputs
+from vlmad.viz import (
+    PANEL_BAR,
+    PANEL_GAP,
+    colorize,
+    colour_scale,
+    denormalize_image,
+    display_size,
+    keep_set,
+    normalize_map,
+    overlay_panel,
+    render_panel,
+    resize_array,
+    save_png,
+    select_panels,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,3 +80,83 @@ def test_save_png_round_trip(tmp_path):
     path = tmp_path / "a" / "b" / "panel.png"
     save_png(path, array)
     assert np.array_equal(np.asarray(Image.open(path)), array)
+
+
+# ------------------------------------------------------------------ labelled panels, panel choice, report helpers
+
+
+def test_render_panel_keeps_a_non_square_aspect_and_draws_a_colour_bar():
+    height, width = display_size((300, 500))
+    assert (height, width) == (154, 256)
+    image = resize_array(np.full((64, 64, 3), 128, np.uint8), (height, width), "image")
+    amap = np.tile(np.linspace(0.2, 0.6, width, dtype=np.float32), (height, 1))
+    gt = np.zeros((height, width), bool)
+    gt[20:60, 30:90] = True
+    panel = render_panel(image, amap, gt, (0.2, 0.6), ["line one", "line two"], "note", pixel_threshold=0.5)
+    assert panel.shape[1] == 4 * width + 3 * PANEL_GAP + PANEL_BAR and panel.shape[0] > height
+    bar = panel[-height:, 4 * (width + PANEL_GAP) : 4 * (width + PANEL_GAP) + 16]
+    assert bar[0, 8, 0] > 100 and bar[0, 8, 2] == 0 and bar[-1, 8, 2] > 100  # red at the top, blue at the bottom
+    heat = panel[-height:, width + PANEL_GAP : 2 * width + PANEL_GAP]
+    assert heat[80, 5, 2] > heat[80, -5, 2]  # low values (left) bluer than high ones: one fixed scale
+    pred = panel[-height:, 3 * (width + PANEL_GAP) : 4 * width + 3 * PANEL_GAP]
+    assert not np.array_equal(pred[:, -10:], image[:, -10:]) and np.array_equal(pred[:, :5], image[:, :5])
+    with pytest.raises(ValueError, match="same size"):
+        render_panel(image, amap[:10], None, (0, 1), [], "note")
+
+
+def test_colour_scale_is_robust_to_outliers():
+    values = np.r_[np.linspace(0.4, 0.5, 1000), 1.0]
+    low, high = colour_scale(values)
+    assert 0.4 <= low < high <= 0.5
+    assert colour_scale(np.full(10, 0.3))[1] > 0.3  # constant maps still get a range
+
+
+def test_select_panels_worst_fp_fn_and_every_defect_type():
+    scores = [0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.6]
+    labels = [0, 0, 1, 1, 1, 0, 1]
+    types = ["good", "good", "crack", "hole", "crack", "good", "cut"]
+    picks = select_panels(scores, labels, types, 6, threshold=0.55)
+    assert picks[:2] == [(1, "fp"), (3, "fn")]  # the highest normal, the lowest defective
+    assert {types[i] for i, _ in picks} == {"good", "crack", "hole", "cut"}
+    assert (4, "top_crack") in picks and (6, "top_cut") in picks
+    assert len(picks) == len({i for i, _ in picks}) == 6
+    assert select_panels(scores, labels, types, 2, threshold=0.95)[:2] == [(1, "normal"), (3, "fn")]
+    assert [i for i, _ in select_panels(scores, labels, types, None)] == list(range(7))
+
+
+def test_category_outputs_keep_only_bounded_candidate_maps():
+    rng = np.random.default_rng(0)
+    outputs = CategoryOutputs("cat", num_panels=3)
+    scores, labels, types = [], [], []
+    for _ in range(10):  # batches of 4 in loader order
+        batch_scores = rng.random(4)
+        batch = {
+            "path": [f"/x/{len(scores) + i}.png" for i in range(4)],
+            "label": torch.tensor(rng.integers(0, 2, 4)),
+            "defect_type": [rng.choice(["a", "b"]) for _ in range(4)],
+            "has_mask": torch.ones(4, dtype=bool),
+        }
+        batch["defect_type"] = [
+            t if y else "good" for t, y in zip(batch["defect_type"], batch["label"].tolist(), strict=True)
+        ]
+        outputs.add(batch, torch.tensor(batch_scores), torch.rand(4, 8, 8))
+        scores += batch_scores.tolist()
+        labels += batch["label"].tolist()
+        types += batch["defect_type"]
+        assert len(outputs.maps) <= len(keep_set(scores, labels, types, 3)) <= 3 + 3 + 2
+    assert {i for i, _ in select_panels(scores, labels, types, 3)} <= set(outputs.maps)  # never dropped too early
+    rows = outputs.finish({"image_threshold": 0.5, "pixel_threshold": 0.7, "source": "test"})
+    assert [r["decision"] for r in rows] == ["NG" if s > 0.5 else "OK" for s in scores]
+
+
+def test_roc_pr_points_match_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 50)
+    scores = np.round(rng.random(50) + 0.3 * labels, 1)  # ties
+    fpr, tpr, precision = roc_pr_points(scores, labels)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(labels, scores))
+    assert np.sum(np.diff(np.r_[0.0, tpr[1:]]) * precision) == pytest.approx(average_precision_score(labels, scores))
+    svg = svg_plot([("ROC", fpr, tpr)], "t", "FPR", "TPR", diagonal=True)
+    assert svg.startswith("<svg") and "<polyline" in svg and "http" not in svg

@@ -1,0 +1,345 @@
+"""Self-contained ``report.html`` for a run or a sweep: tables, ROC / PR curves as inline SVG, heatmap gallery.
+
+Opens from disk: inline CSS, images as base64 data URIs, curves drawn here as SVG; no script, no network.
+Numbers from random weights or from a subset of categories are flagged next to any published numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
+from vlmad.published import PUBLISHED, lookup
+
+REPORT = "report.html"
+SHOWN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+         "pixel_aupro_legacy")  # fmt: skip
+KSHOT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+td:first-child,th:first-child{text-align:left}tr.mean{font-weight:bold;background:#f3f3f3}tr.paper{color:#666}
+.flag{background:#c00;color:#fff;font-weight:bold;padding:2px 6px;border-radius:3px}
+.note{color:#555;font-size:.9em}.curves{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0}figcaption{font-size:.85em;color:#444}img.panel{max-width:100%;border:1px solid #ddd}
+"""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _pct(value: float | None, std: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    text = f"{100 * value:.1f}"
+    return text + (f" ± {100 * std:.1f}" if std is not None and not math.isnan(std) else "")
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # a browser never opens a half-written report
+    return path
+
+
+def flags(pretrained: Any, categories: Any, published: Any = None) -> list[str]:
+    """Loud warnings for numbers that must not be read as method quality or as comparable to a paper's mean.
+
+    Args:
+        pretrained: the backbone's weights tag (None / "None": random weights).
+        categories: the explicit category list of the run (None: the dataset's full set).
+        published: the run's ``published`` id, if any.
+
+    Returns:
+        Flag texts (empty when none apply).
+    """
+    out = []
+    if pretrained in (None, "None", "null", ""):
+        out.append("RANDOM WEIGHTS: pipeline check, not method quality")
+    if categories not in (None, "None", "", []):
+        names = categories if isinstance(categories, str) else ",".join(map(str, categories))
+        full = PUBLISHED[published].per_category if published in PUBLISHED else {}
+        if not full or set(names.split(",")) != set(full):
+            out.append(f"SUBSET OF CATEGORIES ({names}): a paper mean covers the full dataset")
+    return out
+
+
+def _flag_html(texts: Sequence[str]) -> str:
+    return " ".join(f'<span class="flag">{_esc(t)}</span>' for t in texts)
+
+
+# ------------------------------------------------------------------------------------------------- curves
+def roc_pr_points(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ROC and PR curves of image scores (one point per distinct score, ties together).
+
+    Args:
+        scores: (N,) image scores.
+        labels: (N,) 1 = anomalous.
+
+    Returns:
+        fpr (M+1,), tpr (M+1,) from (0, 0); precision (M,) at recall = tpr[1:].
+    """
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s, y = np.asarray(scores, np.float64)[order], np.asarray(labels, np.float64)[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each run of equal scores
+    tp, fp = np.cumsum(y)[last], np.cumsum(1 - y)[last]
+    pos, neg = max(y.sum(), 1.0), max((1 - y).sum(), 1.0)
+    return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos], tp / np.maximum(tp + fp, 1.0)
+
+
+def svg_plot(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xlim: tuple[float, float] = (0.0, 1.0),
+    ylim: tuple[float, float] = (0.0, 1.0),
+    errors: Sequence[Sequence[float] | None] | None = None,
+    diagonal: bool = False,
+) -> str:
+    """An inline SVG line plot with axes, ticks and a legend.
+
+    Args:
+        series: (name, xs, ys) per line.
+        title: drawn above the plot.
+        xlabel: x axis label.
+        ylabel: y axis label.
+        xlim: x range.
+        ylim: y range.
+        errors: optional ± error per point of each series (error bars).
+        diagonal: draw the chance diagonal (ROC).
+
+    Returns:
+        ``<svg ...>...</svg>``.
+    """
+    w, h, left, bottom, top, right = 300, 250, 42, 36, 22, 10
+    pw, ph = w - left - right, h - top - bottom
+
+    def px(x: float) -> float:
+        return left + pw * (x - xlim[0]) / ((xlim[1] - xlim[0]) or 1.0)
+
+    def py(y: float) -> float:
+        return top + ph * (1 - (y - ylim[0]) / ((ylim[1] - ylim[0]) or 1.0))
+
+    parts = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>{_esc(title)}</title>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>',
+             f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{_esc(title)}</text>',
+             f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle" font-size="11">{_esc(xlabel)}</text>',
+             f'<text x="11" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
+             f'transform="rotate(-90 11 {top + ph / 2})">{_esc(ylabel)}</text>']  # fmt: skip
+    for i in range(5):
+        xv, yv = xlim[0] + i * (xlim[1] - xlim[0]) / 4, ylim[0] + i * (ylim[1] - ylim[0]) / 4
+        parts.append(f'<text x="{px(xv):.1f}" y="{top + ph + 12}" font-size="9" text-anchor="middle">{xv:g}</text>')
+        parts.append(f'<text x="{left - 3}" y="{py(yv) + 3:.1f}" font-size="9" text-anchor="end">{yv:.2g}</text>')
+    if diagonal:
+        parts.append(f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(1)}" stroke="#bbb" stroke-dasharray="4"/>')
+    for k, (name, xs, ys) in enumerate(series):
+        colour = COLOURS[k % len(COLOURS)]
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys, strict=True))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.8"/>')
+        for j, err in enumerate((errors[k] if errors else None) or []):
+            if err is not None and not math.isnan(err):
+                x, y = px(xs[j]), ys[j]
+                parts.append(f'<line x1="{x:.1f}" y1="{py(y - err):.1f}" x2="{x:.1f}" y2="{py(y + err):.1f}" '
+                             f'stroke="{colour}"/>')  # fmt: skip
+        parts.append(f'<text x="{left + 6}" y="{top + 14 + 13 * k}" font-size="10" fill="{colour}">{_esc(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+# ----------------------------------------------------------------------------------------------- run page
+def read_predictions(path: Path) -> dict[str, tuple[list[float], list[int]]]:
+    """{category: (image scores, labels)} from a ``predictions.csv`` ({} when the file is missing)."""
+    out: dict[str, tuple[list[float], list[int]]] = {}
+    if not path.exists():
+        return out
+    with path.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            scores, labels = out.setdefault(row["category"], ([], []))
+            scores.append(float(row["image_score"]))
+            labels.append(int(row["label"]))
+    return out
+
+
+def _run_table(rows: dict[str, dict[str, float]], paper: dict[str, dict[str, float]], flag_texts: list[str]) -> str:
+    columns = [c for c in SHOWN if any(c in r for r in rows.values())]
+    out = ["<table><tr><th>category</th>" + "".join(f"<th>{_esc(c)}</th>" for c in columns) + "</tr>"]
+    for name, row in rows.items():
+        cls = ' class="mean"' if name == MEAN_ROW else ""
+        out.append(f"<tr{cls}><td>{_esc(name)}</td>" + "".join(f"<td>{_pct(row.get(c))}</td>" for c in columns))
+        if name in paper:
+            label = f"{name} (paper) {_flag_html(flag_texts)}"
+            cells = "".join(f"<td>{_pct(paper[name][c]) if c in paper[name] else ''}</td>" for c in columns)
+            out.append(f'<tr class="paper"><td>{label}</td>{cells}</tr>')
+    return "\n".join(out) + "</table>"
+
+
+def _curves(predictions: dict[str, tuple[list[float], list[int]]], rows: dict[str, dict[str, float]]) -> str:
+    figures = []
+    for category, (scores, labels) in predictions.items():
+        fpr, tpr, precision = roc_pr_points(scores, labels)
+        auroc, ap = rows.get(category, {}).get("image_auroc"), rows.get(category, {}).get("image_ap")
+        roc = svg_plot([("ROC", fpr, tpr)], f"{category}: image ROC (AUROC {_pct(auroc)})", "FPR", "TPR",
+                       diagonal=True)  # fmt: skip
+        pr = svg_plot([("PR", tpr[1:], precision)], f"{category}: image PR (AP {_pct(ap)})", "recall", "precision")
+        figures.append(f'<div id="curves-{_esc(category)}">{roc}{pr}</div>')
+    return '<div class="curves">' + "".join(figures) + "</div>" if figures else "<p>(no predictions.csv)</p>"
+
+
+def _gallery(run_dir: Path, categories: Sequence[str]) -> str:
+    out = []
+    for category in categories:
+        pngs = sorted((run_dir / "heatmaps" / category).glob("*.png"))
+        if not pngs:
+            continue
+        out.append(f"<h3>{_esc(category)}</h3>")
+        for png in pngs:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            out.append(f'<figure><img class="panel" alt="{_esc(png.stem)}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{_esc(png.name)}</figcaption></figure>")  # fmt: skip
+    return "\n".join(out) or "<p>(no heatmap panels saved)</p>"
+
+
+def _thresholds_note(run_dir: Path) -> str:
+    path = run_dir / "thresholds.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    items = "".join(f"<li>{_esc(c)}: image {_esc(t.get('image_threshold'))}, pixel {_esc(t.get('pixel_threshold'))}"
+                    f" ({_esc(t.get('source'))})</li>" for c, t in data.items())  # fmt: skip
+    return f"<h2>Thresholds (per-image decisions in predictions.csv)</h2><ul>{items}</ul>"
+
+
+def run_title(info: dict[str, Any]) -> str:
+    """Method, data, k-shot and backbone [weights] of a run from its ``run.json``."""
+    weights = info.get("pretrained") or "random weights"
+    return (f"{info.get('method')} k_shot={info.get('k_shot')} on {info.get('eval_set')} | "
+            f"{info.get('backbone')} [{weights}] | {info.get('image_size')}px"
+            + (f" | {info['protocol']}" if info.get("protocol") else ""))  # fmt: skip
+
+
+def write_run_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``run_dir/report.html`` from its ``metrics.csv``, ``run.json``, ``predictions.csv`` and ``heatmaps/``.
+
+    Returns:
+        The report's path.
+    """
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    rows = read_csv(run_dir / "metrics.csv")
+    paper = lookup(info.get("published"))
+    flag_texts = flags(info.get("pretrained"), info.get("eval_categories"), info.get("published"))
+    title = run_title(info)
+    body = [f"<h1>{_esc(title)}</h1>", f"<p>{_flag_html(flag_texts)}</p>" if flag_texts else "",
+            f'<p class="note">run folder {_esc(run_dir.name)}; values in percent; F1-max is an oracle (threshold on '
+            f"the test labels); (paper) rows: published numbers ({_esc(info.get('published'))}).</p>",
+            "<h2>Per-category metrics</h2>", _run_table(rows, paper, flag_texts),
+            *(f'<p class="note">{_esc(n)}</p>' for n in coverage_notes(rows)),
+            "<h2>Image-level ROC and PR curves</h2>",
+            _curves(read_predictions(run_dir / "predictions.csv"), rows), _thresholds_note(run_dir),
+            "<h2>Heatmaps</h2>", _gallery(run_dir, [c for c in rows if c != MEAN_ROW])]  # fmt: skip
+    return _write(run_dir / REPORT, _page(title, body))
+
+
+# --------------------------------------------------------------------------------------------- sweep page
+def _sweep_table(rows: list[dict[str, Any]]) -> str:
+    from vlmad.report import _cell, _display_columns
+
+    group_cols, metric_cols = _display_columns(rows)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in [*group_cols, *metric_cols, "flags"])
+    out = [f"<table><tr>{head}</tr>"]
+    for row in rows:
+        texts = flags(row.get("pretrained"), row.get("eval_categories"), row.get("published"))
+        cells = "".join(f"<td>{_esc(_cell(row, c))}</td>" for c in [*group_cols, *metric_cols])
+        paper = any(c.endswith("(paper)") and row.get(c) is not None for c in metric_cols)
+        cls = ' class="mean"' if row.get("category") == MEAN_ROW else ""
+        out.append(f"<tr{cls}>{cells}<td>{_flag_html(texts) if paper or texts else ''}</td></tr>")
+    return "\n".join(out) + "</table>"
+
+
+def kshot_series(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[tuple[int, float, float]]]]]:
+    """Mean rows grouped by every setting but ``k_shot`` (and its ``published`` id), where k_shot varies.
+
+    Returns:
+        [(group label, {metric: [(k, mean, std), ...] sorted by k})].
+    """
+    from vlmad.report import GROUP_FIELDS
+
+    fields = [f for f in GROUP_FIELDS if f not in ("k_shot", "published")]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in (r for r in rows if r.get("category") == MEAN_ROW):
+        groups.setdefault(tuple(str(row.get(f)) for f in fields), []).append(row)
+    out = []
+    for members in groups.values():
+        if len({int(m.get("k_shot") or 0) for m in members}) < 2:
+            continue
+        first = members[0]
+        label = (
+            f"{first.get('method')} on {first.get('eval_set')} | {first.get('backbone')} [{first.get('pretrained')}]"
+        )
+        curves = {}
+        for metric in KSHOT_METRICS:
+            points = [(int(m.get("k_shot") or 0), m.get(metric), m.get(f"{metric}_std")) for m in members]
+            points = [(k, v, s if s is not None else math.nan) for k, v, s in points if v is not None]
+            if points and not all(math.isnan(v) for _, v, _ in points):
+                curves[metric] = sorted(points)
+        out.append((label, curves))
+    return out
+
+
+def _kshot_plots(rows: list[dict[str, Any]]) -> str:
+    plots = []
+    for label, curves in kshot_series(rows):
+        ks = [k for points in curves.values() for k, _, _ in points]
+        series = [(m, [k for k, _, _ in p], [v for _, v, _ in p]) for m, p in curves.items()]
+        errors = [[s for _, _, s in p] for p in curves.values()]
+        values = [v for _, _, ys in series for v in ys if not math.isnan(v)]
+        low = max(0.0, math.floor(10 * min(values)) / 10) if values else 0.0
+        plots.append(svg_plot(series, label, "k_shot", "mean ± std over seeds", (min(ks), max(ks)), (low, 1.0),
+                              errors=errors))  # fmt: skip
+    return '<div class="curves">' + "".join(plots) + "</div>" if plots else "<p>(k_shot does not vary)</p>"
+
+
+def write_sweep_report(root: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """Write ``root/report.html``: mean ± std per setting, the k-shot curve, failed jobs, links to run reports.
+
+    Args:
+        root: the sweep folder.
+        result: what ``vlmad.report.report`` returns (``rows``, ``runs``, ``failed``).
+
+    Returns:
+        The report's path.
+    """
+    root = Path(root)
+    rows, runs, failed = result["rows"], result["runs"], result["failed"]
+    all_flags = sorted({t for r in rows for t in flags(r.get("pretrained"), r.get("eval_categories"))})
+    title = f"Sweep {root.name}: {len(runs)} finished run(s)"
+    links = "".join(f'<li><a href="{_esc(Path(r["dir"]) / REPORT)}">{_esc(r["dir"])}</a></li>' for r in runs
+                    if (root / r["dir"] / REPORT).exists())  # fmt: skip
+    body = [f"<h1>{_esc(title)}</h1>", f"<p>{_flag_html(all_flags)}</p>" if all_flags else "",
+            '<p class="note">mean ± std over seeds (reference draws), percent; (paper) = published numbers.</p>',
+            "<h2>Mean ± std per setting</h2>", _sweep_table(rows) if rows else "<p>(no finished runs)</p>",
+            "<h2>k-shot curve</h2>", _kshot_plots(rows)]  # fmt: skip
+    if failed:
+        items = "".join(f"<li>{_esc(f['dir'])}: {_esc(f['reason'])}</li>" for f in failed)
+        body.append(f"<h2>Failed or incomplete ({len(failed)})</h2><ul>{items}</ul>")
+    if links:
+        body.append(f"<h2>Run reports</h2><ul>{links}</ul>")
+    return _write(root / REPORT, _page(title, body))
