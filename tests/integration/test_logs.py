@@ -1,0 +1,87 @@
+"""Readable logs: a real ``evaluate.py`` run writing to a pipe (not a terminal), and optional loggers' errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import SYNTHETIC
+
+from vlmad.config import CONF_DIR, compose, job_dirname
+from vlmad.errors import ConfigError
+from vlmad.logs import make_logger
+
+ROOT = CONF_DIR.parent
+
+
+@pytest.fixture(scope="module")
+def evaluate_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, list]:
+    """One tiny zero-shot evaluate.py run in its own working directory; stdout and stderr are pipes."""
+    from vlmad.data.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("logs")
+    root = generate(tmp / "data", layout="mvtec", categories=["bottle_syn"], **SYNTHETIC)
+    data = [f"data.{k}={v}" for k, v in SYNTHETIC.items()]
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "backbone=tiny", "backbone.image_size=64", "data=synthetic",
+           f"data.root={root}", "data.categories=[bottle_syn]", *data, "trainer.accelerator=cpu",
+           "datamodule.num_workers=0", "module.num_overlays=0"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return proc, sorted((tmp / "outputs" / "evaluate").glob("*/evaluate.log"))
+
+
+def test_evaluate_output_is_quiet_and_the_table_is_in_the_log_file(evaluate_run):
+    proc, logs = evaluate_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout + proc.stderr
+    assert "\r" not in text  # no progress bar redraws in a pipe
+    assert "Tip" not in text and "GPU available" not in text  # Lightning's notices
+    assert "Loaded built-in vlmad-tiny model config" not in text  # open_clip's INFO lines
+    assert "Final image preprocessing configuration" not in text
+    assert "LeafSpec" not in text  # a known Lightning deprecation
+    assert "_instantiate2.py" not in text  # warnings name vlmad's code, not Hydra's instantiate
+    assert text.count("RANDOM weights") == 1 and "vlmad/backbones/clip.py" in text  # once, attributed to vlmad
+    assert text.count("image_auroc") == 1  # the table printed once on the console ...
+    assert len(logs) == 1
+    log_text = logs[0].read_text()
+    assert "image_auroc" in log_text and "bottle_syn" in log_text and "mean" in log_text  # ... and in the log file
+    assert "RANDOM weights" in log_text  # warnings reach the log file too
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    cfg = compose("evaluate", ["backbone=tiny"], tmp_path)
+    assert cfg.trainer.enable_progress_bar is False  # pytest captures stdout: not a terminal
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_optional_logger_configs_compose_and_fail_in_one_line_without_their_package(kind, tmp_path, monkeypatch):
+    import importlib.util
+
+    from hydra.utils import instantiate
+
+    cfg = compose("train", ["backbone=tiny", f"logger={kind}"], tmp_path)
+    node = cfg.logger[kind]
+    assert node.kind == kind and str(tmp_path) in str(node.get("save_dir") or node.get("tracking_uri"))
+    find_spec = importlib.util.find_spec  # the packages are not installed here; make sure of it where they are
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith((kind, "tensorboardX"))
+                        else find_spec(name, *a))  # fmt: skip
+    with pytest.raises(Exception, match=f"logger={kind} needs the .* package: pip install 'vlmad\\[{kind}\\]'"):
+        instantiate(node)
+
+
+def test_unknown_optional_logger_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown logger kind"):
+        make_logger("neptune")
+
+
+def test_train_logs_losses_to_csv_by_default(tmp_path):
+    cfg = compose("train", ["backbone=tiny"], tmp_path)
+    assert cfg.logger.csv._target_.endswith("CSVLogger") and cfg.logger.csv.save_dir == str(tmp_path)
+
+
+def test_sweep_job_dirname_names_the_overrides():
+    assert job_dirname(3, "method.k_shot=2,seed=1") == "3_method.k_shot=2,seed=1"
+    assert job_dirname(0, "") == "0"
+    assert job_dirname(1, "data.categories=[a b]/x") == "1_data.categories=_a_b_x"
