@@ -60,7 +60,7 @@ def _score(cfg, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     L.seed_everything(cfg.seed, verbose=False)
     backbone = instantiate(cfg.backbone)
     method = instantiate(cfg.method, backbone=backbone).eval()
-    dm = instantiate(cfg.datamodule, test_set=instantiate(cfg.data), mean=backbone.mean, std=backbone.std)
+    dm = instantiate(cfg.datamodule, test_set=instantiate(cfg.data), **backbone.preprocess_config())
     out: dict[str, list[torch.Tensor]] = {"score": [], "map": [], "label": [], "mask": []}
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), torch.no_grad():
         for category in dm.test_categories:
@@ -170,3 +170,24 @@ def test_bf16_mixed_training_step(tmp_path, data_root, method):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     learned = objects["method"].learned_state()
     assert learned and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in learned.values())
+
+
+def test_method_state_follows_to(tmp_path, data_root):
+    """Few-shot memories and window buffers follow ``.to()`` (float64 stands in for a device move)."""
+    cfg = _cfg(tmp_path, data_root, "evaluate", "method=winclip", "method.k_shot=1")
+    L.seed_everything(0, verbose=False)
+    backbone = instantiate(cfg.backbone)
+    winclip = instantiate(cfg.method, backbone=backbone).eval()
+    aprilgan = AprilGAN(backbone, k_shot=1, feature_layers=[1, 3]).eval()
+    refs = torch.randn(1, 3, 64, 64)
+    for method in (winclip, aprilgan):  # both prepared before the (shared) backbone is converted
+        method.prepare("object", refs)
+    winclip.to(torch.float64), aprilgan.to(torch.float64)
+    assert all(t.dtype == torch.float64 for level in winclip.memory.values() for t in level.values())
+    assert winclip.coverage_2.dtype == torch.float64 and winclip.window_sequence_2.dtype == torch.long
+    assert all(t.dtype == torch.float64 for t in aprilgan._memory.values())
+
+
+def test_trainer_accelerator_defaults_to_auto(tmp_path, data_root):
+    cfg = compose("evaluate", [], tmp_path / "run")
+    assert cfg.trainer.accelerator == "auto"  # picks the GPU when there is one
