@@ -6,12 +6,13 @@ import math
 import netrc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from vlmad.metrics.table import read_csv
+from vlmad.metrics.names import METRIC_NAMES
+from vlmad.metrics.table import MEAN_ROW
 
 
 def _netrc_has_key() -> bool:
@@ -73,18 +74,25 @@ def active_run() -> Any:
 
 
 def log_test_report(
-    output_dir: str | os.PathLike, title: str, images_per_category: int = 4, protocol: str | None = None
+    results: Mapping[str, Mapping[str, float]],
+    title: str,
+    panels: Mapping[str, Sequence[str | os.PathLike]] | str | os.PathLike | None = None,
+    images_per_category: int = 4,
+    protocol: str | None = None,
 ) -> None:
-    """Log ``metrics.csv`` as a ``wandb.Table`` and the saved heatmap overlays as images to the active run.
+    """Log the run's results as a ``wandb.Table`` and its heatmap panels as images to the active run.
 
-    A no-op without an active run. Logged keys: ``test/metrics_table`` (one row per category, ``mean`` last, as in
-    ``metrics.csv``) and ``test/heatmaps/<category>`` (the first ``images_per_category`` PNGs of
-    ``output_dir/heatmaps/<category>/``, captioned ``<category>: <defect>_<file>``).
+    A no-op without an active run. Everything comes from memory (nothing is read back from ``metrics.csv``).
+    Logged keys: ``test/metrics_table`` (one row per category, in ``results`` order: ``mean`` last, as in
+    ``metrics.csv``) and ``test/heatmaps/<category>`` (the first ``images_per_category`` panels, captioned
+    ``<category>: <name without its index>``).
 
     Args:
-        output_dir: the run directory holding ``metrics.csv`` and ``heatmaps/``.
+        results: {category | "mean": {metric: value}}, as ``vlmad.run`` writes to ``metrics.csv``.
         title: the report's title line, stored in the run summary as ``test/title``.
-        images_per_category: overlays logged per category.
+        panels: {category: panel files} of this run, or the ``heatmaps`` folder they were written to
+            (``<folder>/<category>/*.png``); None logs no images.
+        images_per_category: panels logged per category.
         protocol: evaluation-protocol label (transductive methods), stored as ``test/protocol`` and tagged.
     """
     run = active_run()
@@ -92,24 +100,40 @@ def log_test_report(
         return
     import wandb
 
-    out = Path(output_dir)
-    # read back the file just written, so the dashboard table is exactly metrics.csv
-    rows = read_csv(out / "metrics.csv")
-    columns = list(next(iter(rows.values()), {}))
-    data = [[name, *(None if math.isnan(row[c]) else row[c] for c in columns)] for name, row in rows.items()]
+    # the columns and row order of metrics.csv (vlmad.metrics.table.write_csv), without reading it back
+    extra = [m for m in dict.fromkeys(m for row in results.values() for m in row) if m not in METRIC_NAMES]
+    columns = [*METRIC_NAMES, *extra]
+    order = [c for c in results if c != MEAN_ROW] + ([MEAN_ROW] if MEAN_ROW in results else [])
+    data = [[name, *(_cell(results[name].get(c)) for c in columns)] for name in order]
     payload: dict[str, Any] = {"test/metrics_table": wandb.Table(columns=["category", *columns], data=data)}
-    for category in (c for c in rows if c != "mean"):
-        # overlay names are "<index>_<defect>_<file>.png" (module._save_overlays); drop the index in captions
-        pngs = sorted((out / "heatmaps" / category).glob("*.png"))[:images_per_category]
-        if pngs:
+    for category, files in _panels(panels, [c for c in order if c != MEAN_ROW]).items():
+        if files[:images_per_category]:
+            # panel names are "<index>_<what>.png"; drop the index in captions
             payload[f"test/heatmaps/{category}"] = [
-                wandb.Image(str(p), caption=f"{category}: {p.stem.split('_', 1)[-1]}") for p in pngs
+                wandb.Image(str(p), caption=f"{category}: {Path(p).stem.split('_', 1)[-1]}")
+                for p in files[:images_per_category]
             ]
     run.log(payload)
     run.summary["test/title"] = title
     if protocol:
         run.summary["test/protocol"] = protocol
         run.tags = (*(run.tags or ()), protocol.split(" (")[0].replace(" ", "-"))  # "transductive-zero-shot"
+
+
+def _cell(value: float | None) -> float | None:
+    """A table cell: NaN (metric undefined, e.g. no anomalous image) as an empty cell."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _panels(
+    panels: Mapping[str, Sequence[str | os.PathLike]] | str | os.PathLike | None, categories: list[str]
+) -> dict[str, list[Path]]:
+    """{category: panel files} from a mapping, or listed from a heatmaps folder for ``categories``."""
+    if panels is None:
+        return {}
+    if isinstance(panels, Mapping):
+        return {c: [Path(p) for p in panels.get(c, [])] for c in categories}
+    return {c: sorted((Path(panels) / c).glob("*.png")) for c in categories}
 
 
 def finish_wandb(failed: bool) -> None:

@@ -115,7 +115,7 @@ class AnomalyModule(L.LightningModule):
         self.predictions, self.thresholds = {}, {}
         self.metrics.reset()
 
-    def _open_category(self, category: str) -> None:
+    def _open_category(self, category: str, class_name: str) -> None:
         if self._category is not None:
             self._close_category()
         self._category = category
@@ -125,7 +125,7 @@ class AnomalyModule(L.LightningModule):
             references, paths = dm.reference_images(category, self.method.k_shot, self.reference_seed)
             references = references.to(self.device)
             self._write_reference_list(category, paths)
-        self.method.prepare(dm.prompt_name(category), references)
+        self.method.prepare(class_name, references)
         self.thresholds[category] = self._calibrate(category, paths)
         self._outputs = CategoryOutputs(category, None if self.save_all_overlays else self.num_overlays)
 
@@ -141,9 +141,11 @@ class AnomalyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score a batch of one category and update that category's metrics."""
-        category = self._datamodule.test_categories[dataloader_idx]
+        category = batch["category"][0]  # the batch says which category and prompt name: no datamodule lookup
+        if len(set(batch["category"])) != 1:
+            raise ValueError(f"a test batch holds one category, got {sorted(set(batch['category']))}")
         if category != self._category:
-            self._open_category(category)
+            self._open_category(category, batch["class_name"][0])
         if self.method.transductive:
             self._accumulate(batch)
             return

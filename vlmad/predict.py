@@ -139,7 +139,7 @@ def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
         log.warning("predicting with %s without ckpt_path: its learned parts are at their initial values",
                     type(method).__name__)  # fmt: skip
     method = method.to(resolve_device(cfg.get("device", "auto"))).eval()
-    return method, Preprocess(backbone.image_size, backbone.mean, backbone.std)
+    return method, Preprocess(**backbone.preprocess_config())  # the datamodule's source too (vlmad.run.build)
 
 
 def _device(method: AnomalyMethod) -> torch.device:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from omegaconf import OmegaConf
+
 MEAN = "mean"
 
 
@@ -226,3 +228,33 @@ def lookup(published_id: str | None) -> dict[str, dict[str, float]]:
     """
     entry = PUBLISHED.get(published_id) if published_id else None
     return entry.rows() if entry else {}
+
+
+_DATASETS = {"vlmad.data.MVTec": "mvtec", "vlmad.data.VisA": "visa"}  # readers of the papers' datasets
+
+
+def published_id(method: str, data: str, target_or_k: str | int = 0) -> str | None:
+    """The published id of a setting, derived from its data (the ``${published:...}`` config resolver).
+
+    Args:
+        method: id prefix: ``winclip``, ``anomalyclip``, ``aprilgan`` or ``musc``.
+        data: ``_target_`` of the evaluated reader (with a target: the reader fitted on).
+        target_or_k: ``_target_`` of the test reader (a cross-dataset transfer), or ``k_shot``.
+
+    Returns:
+        e.g. ``winclip_visa_k4``, ``anomalyclip_visa_to_mvtec``, ``musc_mvtec``; None where no paper reports the
+        setting (generated or own data, an unpublished k).
+    """
+    source = _DATASETS.get(str(data))
+    if source is None:
+        return None
+    if isinstance(target_or_k, str) and not target_or_k.isdigit():
+        target = _DATASETS.get(target_or_k)
+        candidates = [f"{method}_{source}_to_{target}"] if target else []
+    else:
+        k = int(target_or_k)
+        candidates = [f"{method}_{source}_k{k}", *([f"{method}_{source}"] if k == 0 else [])]
+    return next((c for c in candidates if c in PUBLISHED), None)
+
+
+OmegaConf.register_new_resolver("published", published_id, replace=True)

@@ -66,7 +66,7 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
     method = instantiate(cfg.method, backbone=backbone)
     module = instantiate(cfg.module, method=method)
     sets = {"test_set": test_set, **({"fit_set": fit_set} if fit else {})}
-    datamodule = instantiate(cfg.datamodule, **sets, mean=backbone.mean, std=backbone.std)
+    datamodule = instantiate(cfg.datamodule, **sets, **backbone.preprocess_config())  # size, mean, std: one source
     loggers = _loggers(cfg)
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg) if fit else [],
@@ -91,7 +91,8 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     print(table, flush=True)
     to_log_file(table)  # the table in <run dir>/<task>.log too, without printing it twice
     log.info("metrics written to %s", out / "metrics.csv")
-    log_test_report(out, title, protocol=protocol)  # per-category table and heatmaps to the active W&B run, if any
+    # per-category table (from memory) and this run's heatmap panels to the active W&B run, if any
+    log_test_report(results, title, out / "heatmaps", protocol=protocol)
     from vlmad.html_report import write_run_report
 
     log.info("report written to %s", write_run_report(out))  # table, curves, heatmaps: one self-contained file
@@ -167,6 +168,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]
     """
     if "comparison" in cfg:
         raise ConfigError(COMPARISON_HINT.format(script="train.py"))
+    if cfg.get("test_data") is None:
+        raise ConfigError(f"{cfg.data.get('root')}: fitting on your own data has no default test set; name one, e.g. "
+                          "test_data=folder test_data.root=... (testing on the fitted split would score the images it "
+                          "learned)")  # fmt: skip
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)  # a missing or truncated file fails in seconds, naming it
         for stale in remove_partial_writes(Path(cfg.ckpt_path).parent):

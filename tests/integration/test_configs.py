@@ -40,7 +40,7 @@ def test_method_files_only_touch_their_keys():
 def test_every_backbone_composes(make_cfg, backbone):
     cfg = make_cfg("evaluate", f"backbone={backbone}")
     assert cfg.backbone._target_ == "vlmad.backbones.ClipBackbone"
-    assert cfg.datamodule.image_size == cfg.backbone.image_size
+    assert "image_size" not in cfg.datamodule  # run.build takes size, mean and std from the backbone
 
 
 @pytest.mark.parametrize("data", _options("data"))
@@ -60,20 +60,35 @@ def test_every_data_composes_and_instantiates(tmp_path, data):
 @pytest.mark.parametrize(
     ("data", "expected"),
     [("visa", "vlmad.data.MVTec"), ("mvtec", "vlmad.data.VisA"), ("synthetic_visa", "vlmad.data.Synthetic"),
-     ("folder", "vlmad.data.Folder")],
+     ("folder", None)],
 )  # fmt: skip
 def test_train_tests_on_the_other_dataset_by_default(tmp_path, data, expected):
     cfg = compose("train", [f"data={data}"], tmp_path)
-    assert cfg.test_data._target_ == expected
-    assert cfg.test_data._target_ != cfg.data._target_ or data == "folder" or cfg.test_data.layout != cfg.data.layout
+    if expected is None:  # own data: no default (never the split it was fitted on)
+        assert cfg.get("test_data") is None
+    else:
+        assert cfg.test_data._target_ == expected
+        assert cfg.test_data._target_ != cfg.data._target_ or cfg.test_data.layout != cfg.data.layout
     cfg = compose("train", [f"data={data}", "test_data=visa", "test_data.root=/x"], tmp_path)
     assert cfg.test_data._target_ == "vlmad.data.VisA" and cfg.test_data.root == "/x"
 
 
-@pytest.mark.parametrize("group", ["trainer", "callbacks", "logger", "paths", "hydra", "experiment", "test_data"])
+@pytest.mark.parametrize(
+    "group", ["trainer", "callbacks", "logger", "paths", "hydra", "experiment", "test_data", "datamodule", "module"]
+)
 def test_every_group_file_composes(tmp_path, group):
     for option in _options(group):
         name = "train" if group in {"callbacks", "test_data"} else "evaluate"
         cfg = compose(name, [f"{group}={option}"], tmp_path)
         OmegaConf.to_container(cfg, resolve=False)
         assert cfg.method is not None
+
+
+def test_datamodule_and_module_nodes_come_from_their_groups(tmp_path):
+    for name, optimizer in (("train", "torch.optim.Adam"), ("evaluate", None)):
+        text = (CONF / f"{name}.yaml").read_text()
+        assert "\ndatamodule:" not in text and "\nmodule:" not in text  # not repeated in the primary configs
+        cfg = compose(name, [], tmp_path)
+        assert cfg.datamodule._target_ == "vlmad.data.AnomalyDataModule"
+        assert cfg.module._target_ == "vlmad.module.AnomalyModule"
+        assert (cfg.module.optimizer or {}).get("_target_") == optimizer

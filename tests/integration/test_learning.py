@@ -21,7 +21,7 @@ SEEDS = (0, 1, 2, 3)
 
 
 def _pixel_auroc(objects: dict, cfg, reader) -> float:
-    dm = instantiate(cfg.datamodule, test_set=reader, mean=objects["backbone"].mean, std=objects["backbone"].std)
+    dm = instantiate(cfg.datamodule, test_set=reader, **objects["backbone"].preprocess_config())
     objects["trainer"].test(objects["module"], datamodule=dm, verbose=False)
     return objects["module"].results["mean"]["pixel_auroc"]
 

@@ -176,3 +176,37 @@ def test_wandb_mode_offline_without_api_key(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")  # an explicit mode always wins
     assert wandb_mode() == "disabled"
     assert make_wandb_logger(project="p", tags=["a"], extra_tags=["k1"])._wandb_init["tags"] == ["a", "k1"]
+
+
+def test_report_is_logged_from_memory(tmp_path, monkeypatch):
+    """No metrics.csv is read: the results dict and the given panel files are what reaches the run."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmad import loggers
+    from vlmad.metrics.names import METRIC_NAMES
+
+    class FakeRun:
+        tags = ()
+
+        def __init__(self):
+            self.summary = {}
+
+        def log(self, payload):
+            self.logged = payload
+
+    run = FakeRun()
+    monkeypatch.setattr(loggers, "active_run", lambda: run)
+    panel = tmp_path / "elsewhere" / "00_worst_fp_good_001.png"
+    panel.parent.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(panel)
+    results = {"mean": {"image_auroc": 0.75, "extra": 1.0}, "a": {"image_auroc": 0.5}, "b": {"image_auroc": 1.0}}
+    loggers.log_test_report(results, "title", {"a": [panel]})
+    assert not list(tmp_path.rglob("*.csv"))
+    table = run.logged["test/metrics_table"]
+    assert table.columns == ["category", *METRIC_NAMES, "extra"]
+    assert [row[0] for row in table.data] == ["a", "b", "mean"]  # metrics.csv's order: mean last
+    assert table.data[2][1 + METRIC_NAMES.index("image_auroc")] == 0.75 and table.data[2][-1] == 1.0
+    (image,) = run.logged["test/heatmaps/a"]
+    assert image._caption == "a: worst_fp_good_001" and "test/heatmaps/b" not in run.logged
+    assert run.summary["test/title"] == "title"

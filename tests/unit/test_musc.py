@@ -155,7 +155,6 @@ def test_module_refuses_a_category_of_four(make_cfg):
 
 def test_wandb_run_carries_the_protocol(tmp_path, monkeypatch):
     from vlmad import loggers
-    from vlmad.metrics.table import write_csv
 
     class FakeRun:
         def __init__(self):
@@ -168,8 +167,8 @@ def test_wandb_run_carries_the_protocol(tmp_path, monkeypatch):
 
     run = FakeRun()
     monkeypatch.setattr(loggers, "active_run", lambda: run)
-    write_csv(tmp_path / "metrics.csv", {"a": {"image_auroc": 0.5}, "mean": {"image_auroc": 0.5}})
-    loggers.log_test_report(tmp_path, f"MuSc | {PROTOCOL}", protocol=PROTOCOL)
+    results = {"a": {"image_auroc": 0.5}, "mean": {"image_auroc": 0.5}}
+    loggers.log_test_report(results, f"MuSc | {PROTOCOL}", tmp_path / "heatmaps", protocol=PROTOCOL)
     assert run.summary["test/protocol"] == PROTOCOL and PROTOCOL in run.summary["test/title"]
     assert "transductive-zero-shot" in run.tags
 
