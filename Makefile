@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install test test-all parity lint format demo bench gpu-check smoke train evaluate report clean
+.PHONY: help install test test-all parity lint format demo bench gpu-check smoke train evaluate report wheel clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -55,8 +55,11 @@ train: $(STAMP) ## python train.py $(ARGS)
 evaluate: $(STAMP) ## python evaluate.py $(ARGS)
 	$(BIN)/python evaluate.py $(ARGS)
 
-report: $(STAMP) ## one table for a sweep or comparison dir: make report DIR=multirun/... [ARGS=--per-category]
+report: $(STAMP) ## one table for a sweep or comparison dir (no torch import): make report DIR=multirun/... [ARGS=--per-category]
 	$(BIN)/python -m vlmad.report $(DIR) $(ARGS)
 
+wheel: $(STAMP) ## build dist/vlmad-*.whl (conf/ inside; `pip install` it anywhere, then `vlmad train|evaluate|...`)
+	$(BIN)/pip wheel . --no-deps --no-build-isolation -q -w dist && rm -rf build
+
 clean: ## remove caches and outputs (keeps .venv)
-	rm -rf .pytest_cache .ruff_cache outputs multirun
+	rm -rf .pytest_cache .ruff_cache outputs multirun build dist
