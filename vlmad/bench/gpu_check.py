@@ -215,8 +215,10 @@ def _num(value: float | None, fmt: str) -> str:
 
 def format_report(report: dict) -> str:
     """One plain-text table (methods), plus the MuSc category and end-to-end lines."""
-    head = (f"{'method':<12}{'backbone':<24}{'size':>5}{'batch':>6}{'fp32 img/s':>11}{'bf16 img/s':>11}"
-            f"{'fp32 GB':>8}{'bf16 GB':>8}{'max|dmap|':>10}{'max|dscore|':>12}{'map rho':>8}{'score rho':>10}")  # fmt: skip
+    head = (
+        f"{'method':<12}{'backbone':<24}{'size':>5}{'batch':>6}{'fp32 img/s':>11}{'bf16 img/s':>11}"
+        f"{'fp32 GB':>8}{'bf16 GB':>8}{'max|dmap|':>10}{'max|dscore|':>12}{'map rho':>8}{'score rho':>10}"
+    )
     lines = [f"gpu_check ({report['mode']}) on {report['device']}, torch {report['torch']}", head]
     for r in report["rows"]:
         lines.append(
@@ -227,8 +229,10 @@ def format_report(report: dict) -> str:
         )
     m = report["musc_category"]
     if m:
-        lines.append(f"musc category: {m['n']} images at {m['size']} px, {m['precision']}: {m['images_per_s']:.1f} "
-                     f"img/s (encode {m['encode_s']:.1f} s, score {m['score_s']:.1f} s, peak {m['peak_mb']:.0f} MB)")  # fmt: skip
+        lines.append(
+            f"musc category: {m['n']} images at {m['size']} px, {m['precision']}: {m['images_per_s']:.1f} img/s "
+            f"(encode {m['encode_s']:.1f} s, score {m['score_s']:.1f} s, peak {m['peak_mb']:.0f} MB)"
+        )
     e = report["end_to_end"]
     lines.append(f"tiny train+evaluate (bf16-mixed) on {e['device']}: {e['steps']} steps, image AUROC "
                  f"{e['image_auroc']:.3f}, pixel AUROC {e['pixel_auroc']:.3f}, {e['seconds']:.1f} s")  # fmt: skip
