@@ -29,9 +29,18 @@ from vlmad.io import atomic_write
 log = logging.getLogger(__name__)
 
 
-def method_signature(method: torch.nn.Module) -> str:
-    """Hash of everything that determines a method's frozen image features."""
+def autocast_precision(device_type: str) -> str:
+    """``fp32``, or the dtype autocast runs the encoder in (mixed precision changes the features)."""
+    if not torch.is_autocast_enabled(device_type):
+        return "fp32"
+    return str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
+
+
+def method_signature(method: torch.nn.Module, precision: str = "fp32") -> str:
+    """Hash of everything that determines a method's frozen image features, incl. the autocast precision."""
     parts = {"method": method.feature_signature(), "backbone": method.backbone.signature()}
+    if precision != "fp32":  # fp32 keys stay as they were
+        parts["precision"] = precision
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -87,7 +96,7 @@ class FeatureCache:
         self.directory = Path(directory) if directory else None
         self.writable = True  # set False (with one warning) on the first failed write
         self._memory: dict[str, dict[str, Tensor]] = {}
-        self._signatures: dict[int, str] = {}
+        self._signatures: dict[tuple[int, str], str] = {}
         self.hits = self.misses = self.bytes = 0
 
     @classmethod
@@ -132,9 +141,10 @@ class FeatureCache:
         Returns:
             dict of (B, ...) tensors on the images' device, as ``method.encode_images`` returns.
         """
-        if id(method) not in self._signatures:  # the frozen side cannot change during a run
-            self._signatures[id(method)] = method_signature(method)
-        signature = self._signatures[id(method)]
+        precision = autocast_precision(images.device.type)  # bf16 features must never serve an fp32 run
+        if (id(method), precision) not in self._signatures:  # the frozen side cannot change during a run
+            self._signatures[(id(method), precision)] = method_signature(method, precision)
+        signature = self._signatures[(id(method), precision)]
         keys = [self._key(signature, img) for img in images]
         entries = [self._load(k) for k in keys]
         missing = [i for i, e in enumerate(entries) if e is None]

@@ -214,3 +214,20 @@ def test_two_processes_fill_one_cold_cache_without_torn_or_mixed_entries(method,
     caplog.set_level(logging.WARNING)
     _assert_equal(cache.fetch(method, images), method.encode_images(images))
     assert cache.hits == 16 and cache.misses == 0 and not _cache_warnings(caplog)
+
+
+def test_mixed_precision_features_never_serve_an_fp32_run(tiny_backbone):
+    """Autocast changes the encoder's output: a bf16 entry is a miss for fp32 and vice versa."""
+    from vlmad.cache import FeatureCache
+    from vlmad.methods.aprilgan import AprilGAN
+
+    method = AprilGAN(tiny_backbone, feature_layers=[1, 3])
+    cache = FeatureCache("memory")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fp32 = cache.fetch(method, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = cache.fetch(method, images)
+    assert cache.misses == 4 and cache.hits == 0
+    assert not torch.equal(fp32["stages"].float(), bf16["stages"].float())
+    torch.testing.assert_close(cache.fetch(method, images)["stages"], fp32["stages"])
+    assert cache.hits == 2
