@@ -59,10 +59,10 @@ def fp32(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | str | None = None) -> Tensor:
     """scipy.ndimage's 1-D Gaussian weights: radius = int(truncate*sigma + 0.5), normalised to sum 1."""
     radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)  # built where it is used
     w = torch.exp(-0.5 * (x / sigma) ** 2)
     return w / w.sum()
 
@@ -92,7 +92,7 @@ def gaussian_blur(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype)
+    kernel = gaussian_kernel1d(sigma, truncate, maps.device).to(maps.dtype)
     radius = (kernel.numel() - 1) // 2
     x = maps[:, None]  # (B, 1, H, W)
     x = F.conv2d(_symmetric_pad_1d(x, radius, 3), kernel.view(1, 1, 1, -1))  # along W
