@@ -19,6 +19,7 @@ from torch import Tensor
 
 from vlmad.data.records import DataError, Reader, Record
 from vlmad.viz import (
+    PANEL_REASONS,
     colour_scale,
     denormalize_image,
     display_size,
@@ -186,8 +187,9 @@ class CategoryOutputs:
         kind = "ANOMALOUS" if row["label"] else "normal"
         t = row["image_threshold"]
         verdict = f"{row['decision']} at image threshold {t:.4g}" if t is not None else "no decision"
+        name = Path(row["path"]).name
         return [
-            f"{self.category} / {row['defect_type']}  label: {kind}  shown as: {reason}  ({Path(row['path']).name})",
+            f"{self.category} / {row['defect_type']}  label: {kind}  ({name}): {PANEL_REASONS[reason]}",
             f"image score {row['image_score']:.4f}  max pixel {row['max_pixel_score']:.4f}  {verdict}",
             f"threshold: {row['threshold_source']}",
         ]

@@ -272,11 +272,23 @@ def render_panel(
 
 
 # ------------------------------------------------------------------------------------------- selection
+PANEL_REASONS = {
+    "fp": "false positive (highest-scoring normal image)",
+    "normal": "highest-scoring normal image (not a false positive)",
+    "fn": "false negative (lowest-scoring defective image)",
+    "defect": "lowest-scoring defective image (still detected)",
+    "top": "highest-scoring image of its defect type",
+    "all": "every image saved",
+}
+
+
 def keep_set(scores: Sequence[float], labels: Sequence[int], defect_types: Sequence[str], n: int) -> set[int]:
     """Indices whose maps may still be selected by `select_panels` (a superset, bounded by about 3 n + types).
 
     Ranks only get worse as images are added, so an index dropped once can never be selected later.
     """
+    if n <= 0:
+        return set()
     normal = sorted((i for i, y in enumerate(labels) if y == 0), key=lambda i: (-scores[i], i))
     defective = sorted((i for i, y in enumerate(labels) if y != 0), key=lambda i: (scores[i], i))
     best: dict[str, int] = {}
@@ -306,7 +318,7 @@ def select_panels(
         threshold: image threshold for the FP / FN wording; None = no decision.
 
     Returns:
-        [(index, reason)] with reason in fp | normal | fn | defect | top_<defect type>.
+        [(index, reason)], reasons as in ``PANEL_REASONS``.
     """
     if n is None:
         return [(i, "all") for i in range(len(scores))]
@@ -325,7 +337,7 @@ def select_panels(
     best: dict[str, int] = {}
     for i in sorted(defective, key=lambda i: (-scores[i], i)):
         best.setdefault(defect_types[i], i)
-    picks += [(best[d], f"top_{d}") for d in sorted(best)]
+    picks += [(best[d], "top") for d in sorted(best)]
     rest = [(i, normal_reason(i)) for i in normal[1:]], [(i, defect_reason(i)) for i in defective[1:]]
     picks += [p for pair in zip(*rest, strict=False) for p in pair]
     longer = max(rest, key=len)
