@@ -54,19 +54,35 @@ def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
 
-def job_dirname(num: int | str, override_dirname: str, limit: int = 120) -> str:
-    """A sweep job's folder: ``3_method.k_shot=2,seed=1`` (its number, then its overrides), file-system safe.
+_SWEPT = re.compile(r"^(?:range|choice|glob|interval)\(|^[^\[\]{}]*,")  # a sweep: a,b,c or range(...) etc.
+
+
+def swept_keys(argv: list[str] | None = None) -> set[str]:
+    """The keys a multirun sweeps over on its command line (``method.k_shot=0,1,2`` -> ``method.k_shot``)."""
+    items = [a.lstrip("+~") for a in (sys.argv[1:] if argv is None else argv) if "=" in a and not a.startswith("-")]
+    return {k for k, v in (a.split("=", 1) for a in items) if _SWEPT.search(v)}
+
+
+def job_dirname(num: int | str, overrides: object, limit: int = 120) -> str:
+    """A sweep job's folder: ``3_method.k_shot=2,seed=1``: its number, then the values of the swept keys.
 
     Args:
         num: ``hydra.job.num``.
-        override_dirname: ``hydra.job.override_dirname`` (paths and roots excluded in conf/hydra/default.yaml).
+        overrides: ``hydra.overrides.task`` (the job's ``key=value`` list); only swept keys are kept (all of
+            them when the command line shows no sweep, e.g. another launcher), paths and roots never.
         limit: longest name kept; a longer one is cut (the number keeps it unique).
 
     Returns:
-        ``<num>_<overrides>``, or ``<num>`` when the job has no overrides left.
+        ``<num>_<key=value,...>`` made file-system safe, or ``<num>`` when nothing is left.
     """
-    safe = re.sub(r"[^A-Za-z0-9._=,+\-]+", "_", str(override_dirname)).strip("_")[:limit]
+    pairs = [str(o).lstrip("+~").split("=", 1) for o in (overrides or []) if "=" in str(o)]
+    swept = swept_keys()
+    kept = [f"{k}={v}" for k, v in pairs if (k in swept or not swept) and not k.endswith(_PATH_KEYS)]
+    safe = re.sub(r"[^A-Za-z0-9._=,+\-]+", "_", ",".join(kept)).strip("_")[:limit]
     return f"{num}_{safe}" if safe else str(num)
+
+
+_PATH_KEYS = ("root", "dir", "path", "input", "references", "model", "output_dir", "data_dir", "feature_cache")
 
 
 OmegaConf.register_new_resolver("stdout_is_tty", stdout_is_tty, replace=True)

@@ -81,7 +81,11 @@ def test_train_logs_losses_to_csv_by_default(tmp_path):
     assert cfg.logger.csv._target_.endswith("CSVLogger") and cfg.logger.csv.save_dir == str(tmp_path)
 
 
-def test_sweep_job_dirname_names_the_overrides():
-    assert job_dirname(3, "method.k_shot=2,seed=1") == "3_method.k_shot=2,seed=1"
-    assert job_dirname(0, "") == "0"
-    assert job_dirname(1, "data.categories=[a b]/x") == "1_data.categories=_a_b_x"
+def test_sweep_job_dirname_names_the_swept_overrides(monkeypatch):
+    argv = ["evaluate.py", "-m", "backbone=tiny", "data.root=/d", "method.k_shot=0,2", "seed=range(2)"]
+    monkeypatch.setattr(sys, "argv", argv)
+    job = ["backbone=tiny", "data.root=/d", "method.k_shot=2", "seed=1"]
+    assert job_dirname(3, job) == "3_method.k_shot=2,seed=1"  # constant overrides and paths left out
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])  # no sweep on the command line: every non-path override
+    assert job_dirname(0, ["data.categories=[a b]", "data.root=/d"]) == "0_data.categories=_a_b"
+    assert job_dirname(1, []) == "1"
