@@ -61,8 +61,8 @@ def test_a_late_failure_keeps_finished_categories_and_records_the_error(make_cfg
     cfg = make_cfg("evaluate", "method=winclip")
     original = AnomalyModule._open_category
 
-    def open_category(self, category):
-        original(self, category)  # closes the previous category
+    def open_category(self, category, class_name):
+        original(self, category, class_name)  # closes the previous category
         if self.results:  # the second category
             raise RuntimeError(f"disk full while scoring {category}")
 
