@@ -6,8 +6,7 @@ Names are imported lazily (PEP 562), so torch-free submodules such as ``vlmad.da
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vlmad._lazy import lazy_exports
 
 _EXPORTS = {
     "AnomalyDataModule": "datamodule",
@@ -34,14 +33,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vlmad.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"vlmad.data.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ Each method is imported on first use (PEP 562), so using one does not load the o
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from vlmad._lazy import lazy_exports
 
 _EXPORTS = {
     "AnomalyMethod": "base",
@@ -19,14 +18,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vlmad.methods' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"vlmad.methods.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

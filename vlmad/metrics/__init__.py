@@ -6,10 +6,11 @@ Names are imported lazily (PEP 562): the tables (``vlmad.metrics.table``) read a
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import Any
+
+from vlmad._lazy import lazy_exports
 
 _EXPORTS = {
     "AnomalyMetrics": "anomaly_metrics",
@@ -31,17 +32,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vlmad.metrics' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"vlmad.metrics.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):
