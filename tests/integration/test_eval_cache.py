@@ -17,9 +17,10 @@ def _sweep(make_cfg, count_encodes, cache_dir=None):
     encoded = count_encodes(WinCLIP)
     results = []
     for k, seed in JOBS:
-        extra = [f"module.feature_cache={cache_dir}"] if cache_dir else []
-        res, objects = evaluate(make_cfg("evaluate", "method=winclip", f"method.k_shot={k}", "seed=0",
-                                         f"module.reference_seed={seed}", *extra))  # fmt: skip
+        # no OK/NG threshold calibration: count only the test images' and references' encodes
+        extra = ["module.threshold.calibrate=false", *([f"module.feature_cache={cache_dir}"] if cache_dir else [])]
+        overrides = ["method=winclip", f"method.k_shot={k}", "seed=0", f"module.reference_seed={seed}", *extra]
+        res, objects = evaluate(make_cfg("evaluate", *overrides))
         results.append(res)
     n_test = sum(len(objects["datamodule"].test_dataset(c)) for c in objects["datamodule"].test_categories)
     return results, sum(encoded), n_test, objects
