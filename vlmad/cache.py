@@ -127,8 +127,9 @@ class FeatureCache:
                 save_entry(self.directory / f"{key}.pt", key, entry)
             except OSError as err:
                 self.writable = False
-                log.warning("feature cache %s is not writable (%s): continuing without storing features",
-                            self.directory, err)  # fmt: skip
+                log.warning(
+                    "feature cache %s is not writable (%s): continuing without storing features", self.directory, err
+                )
                 return
         else:
             return
@@ -159,5 +160,7 @@ class FeatureCache:
 
     def report(self) -> str:
         """One line: hits, misses and stored size."""
-        return (f"feature cache ({self.storage}): {self.hits} hits, {self.misses} misses, "
-                f"{self.bytes / 2**20:.1f} MiB stored")  # fmt: skip
+        return (
+            f"feature cache ({self.storage}): {self.hits} hits, {self.misses} misses, "
+            f"{self.bytes / 2**20:.1f} MiB stored"
+        )

@@ -88,8 +88,9 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], method: AnomalyMethod) -> 
     if diffs:
         lines = "; ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in diffs.items())
         raise CheckpointMismatchError(f"checkpoint does not fit the configured method ({lines})")
-    _check_tensors({k[len("method.") :]: v for k, v in checkpoint.get("state_dict", {}).items()
-                    if k.startswith("method.")}, method)  # fmt: skip
+    _check_tensors(
+        {k[len("method.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("method.")}, method
+    )
 
 
 def _check_tensors(state: dict[str, Any], method: AnomalyMethod) -> None:
@@ -134,8 +135,12 @@ def load_method_weights(method: AnomalyMethod, ckpt_path: str | Path) -> None:
             log.info("converted official %s checkpoint %s", type(method).__name__, ckpt_path)
             if method.backbone.pretrained != "openai":
                 backbone = method.backbone
-                log.warning("official %s checkpoints were trained on OpenAI ViT-L-14-336 weights; configured: %s %s",
-                            type(method).__name__, backbone.model_name, backbone.weights_id())  # fmt: skip
+                log.warning(
+                    "official %s checkpoints were trained on OpenAI ViT-L-14-336 weights; configured: %s %s",
+                    type(method).__name__,
+                    backbone.model_name,
+                    backbone.weights_id(),
+                )
             _check_tensors(official, method)
             state = official
         else:

@@ -30,8 +30,14 @@ log = logging.getLogger(__name__)
 # command-line overrides a member does not take over: its own output dir, the comparison itself, the data nodes
 # (copied resolved instead), and train-only keys for evaluate-only members
 _NEVER = ("experiment", "paths.output_dir", "hydra", "data", "test_data", "comparison", "published")
-_TRAIN_ONLY = ("trainer.max_epochs", "test_after_fit", "module.optimizer", "module.scheduler",
-               "module.feature_cache", "callbacks")  # fmt: skip
+_TRAIN_ONLY = (
+    "trainer.max_epochs",
+    "test_after_fit",
+    "module.optimizer",
+    "module.scheduler",
+    "module.feature_cache",
+    "callbacks",
+)
 
 
 def _key(override: str) -> str:
@@ -67,8 +73,9 @@ def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictCo
     choices = ctx["choices"]
     # the data choice behind test_data (for run names and choices; the node itself is replaced below)
     target = choices.get("data@test_data") or choices["data"]
-    data_choices = [f"data={target}"] if task == "evaluate" else [
-        f"data={choices['data']}", f"test_data={choices['test_data']}"]  # fmt: skip
+    data_choices = (
+        [f"data={target}"] if task == "evaluate" else [f"data={choices['data']}", f"test_data={choices['test_data']}"]
+    )
     own = [*data_choices, *member.get("overrides", []), f"run_name={name}"]
     keep = [o for o in ctx["shared"] if task == "train" or not _under(_key(o), _TRAIN_ONLY)]
     member_cfg = compose(task, _merge(own, keep), ctx["out"] / name)
@@ -98,11 +105,13 @@ def side_by_side(results: dict[str, dict[str, dict[str, float]]], published: dic
     paper = {label: lookup(pid).get(MEAN_ROW, {}) for label, pid in published.items()}
     table: dict[str, dict[str, float]] = {}
     for row in [*categories, MEAN_ROW]:
-        table[row] = {f"{m}/{label}": rows.get(row, {}).get(m, math.nan) for m in metrics for label, rows in
-                      results.items()}  # fmt: skip
+        table[row] = {
+            f"{m}/{label}": rows.get(row, {}).get(m, math.nan) for m in metrics for label, rows in results.items()
+        }
     if any(paper.values()):
-        table[f"{MEAN_ROW} (paper)"] = {f"{m}/{label}": paper[label].get(m, math.nan) for m in metrics
-                                        for label in results}  # fmt: skip
+        table[f"{MEAN_ROW} (paper)"] = {
+            f"{m}/{label}": paper[label].get(m, math.nan) for m in metrics for label in results
+        }
     return table
 
 
@@ -115,9 +124,13 @@ def _write_wide(path: Path, table: dict[str, dict[str, float]]) -> None:
 
 def _markdown_wide(table: dict[str, dict[str, float]], title: str) -> str:
     columns = list(dict.fromkeys(c for row in table.values() for c in row))
-    cells = [[f"**{name}**" if name.startswith(MEAN_ROW) else name,
-              *("" if math.isnan(row.get(c, math.nan)) else f"{100 * row[c]:.1f}" for c in columns)]
-             for name, row in table.items()]  # fmt: skip
+    cells = [
+        [
+            f"**{name}**" if name.startswith(MEAN_ROW) else name,
+            *("" if math.isnan(row.get(c, math.nan)) else f"{100 * row[c]:.1f}" for c in columns),
+        ]
+        for name, row in table.items()
+    ]
     return "\n".join([f"**{title}**", "", render_table(["category", *columns], cells, markdown=True)])
 
 
@@ -134,10 +147,14 @@ def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     hydra, out = _hydra(cfg), Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     shared = [o for o in hydra.overrides.task if not _under(_key(o), _NEVER)]
-    ctx = {"out": out, "shared": shared, "choices": OmegaConf.to_container(hydra.runtime.choices),
-           "data": OmegaConf.to_container(cfg.data, resolve=True),
-           "test_data": OmegaConf.to_container(cfg.test_data, resolve=True),
-           "paper": cfg.comparison.get("paper_eval_set") == _target(cfg)}  # fmt: skip
+    ctx = {
+        "out": out,
+        "shared": shared,
+        "choices": OmegaConf.to_container(hydra.runtime.choices),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "test_data": OmegaConf.to_container(cfg.test_data, resolve=True),
+        "paper": cfg.comparison.get("paper_eval_set") == _target(cfg),
+    }
     results: dict[str, dict[str, dict[str, float]]] = {}
     published: dict[str, str | None] = {}
     failed: dict[str, str] = {}
@@ -168,8 +185,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     (out / "comparison.md").write_text("\n".join(md) + "\n")
     print(format_table(summary, title=f"{title}: mean over categories"), flush=True)
     print(f"side-by-side per-category table: {out / 'comparison.md'}", flush=True)
-    (out / "comparison.json").write_text(json.dumps({**status, "status": "failed" if failed else "done",
-                                                     "failed": failed}, indent=2))  # fmt: skip
+    (out / "comparison.json").write_text(
+        json.dumps({**status, "status": "failed" if failed else "done", "failed": failed}, indent=2)
+    )
     if failed:
         raise RuntimeError(f"comparison members failed: {failed}")
     return table, {"members": results, "failed": failed}

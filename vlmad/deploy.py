@@ -121,8 +121,10 @@ class DeployedModel:
         name = self.info.get("files", {}).get(backend)
         if name is None or not (self.folder / name).is_file():
             have = ", ".join(self.info.get("files", {})) or "none"
-            raise DeployError(f"{self.folder} has no {backend} model (exported formats: {have}); re-export with "
-                              f"format={backend} or format=both")  # fmt: skip
+            raise DeployError(
+                f"{self.folder} has no {backend} model (exported formats: {have}); re-export with "
+                f"format={backend} or format=both"
+            )
         self.backend = backend
         self._run = (_OnnxRunner if backend == "onnx" else _OpenVinoRunner)(self.folder / name, threads)
         pre = self.info["preprocess"]

@@ -184,8 +184,11 @@ class AprilGANGraph(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 3, S, S) -> scores (B,), maps (B, S, S), as ``AprilGAN.forward``."""
         batch = images.shape[0]
-        with _patched(self.method, _batch_text_features=lambda names: self.text.expand(batch, -1, -1),
-                      few_shot_maps=self.few_shot_maps):  # fmt: skip
+        with _patched(
+            self.method,
+            _batch_text_features=lambda names: self.text.expand(batch, -1, -1),
+            few_shot_maps=self.few_shot_maps,
+        ):
             pred = self.method(images, [self.class_name])
         return pred.pred_score, pred.anomaly_map
 
@@ -228,10 +231,15 @@ def export_onnx(graph: nn.Module, path: Path, image_size: int) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # deprecation of the TorchScript exporter; tracer notes on constants
             torch.onnx.export(
-                graph, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                graph,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
                 dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
-                opset_version=OPSET, dynamo=False,
-            )  # fmt: skip
+                opset_version=OPSET,
+                dynamo=False,
+            )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
@@ -254,8 +262,10 @@ def check_export(graph: nn.Module, folder: Path, backends: list[str], image_size
     out = {}
     for backend in backends:
         got_scores, got_maps = deploy.load(folder, backend).run(images.numpy())
-        out[backend] = {"pred_score": float(np.abs(got_scores - scores).max()),
-                        "anomaly_map": float(np.abs(got_maps - maps).max())}  # fmt: skip
+        out[backend] = {
+            "pred_score": float(np.abs(got_scores - scores).max()),
+            "anomaly_map": float(np.abs(got_maps - maps).max()),
+        }
     return out
 
 
@@ -324,8 +334,10 @@ def _threshold(cfg: DictConfig, method: AnomalyMethod, preprocess: Any, referenc
     t = cfg.threshold
     beside = cfg.get("ckpt_path") and Path(f"{cfg.ckpt_path}.threshold.json").exists()
     if t.value is None and t.file is None and t.calibration.dir is None and not beside:
-        log.warning("no threshold given: the export scores images but makes no OK/NG decisions until a threshold "
-                    "is passed (threshold.value=... or threshold.calibration.dir=<normal images>)")  # fmt: skip
+        log.warning(
+            "no threshold given: the export scores images but makes no OK/NG decisions until a threshold "
+            "is passed (threshold.value=... or threshold.calibration.dir=<normal images>)"
+        )
         return None
     return resolve_threshold(cfg, method, preprocess, references)
 
@@ -364,8 +376,11 @@ def export(cfg: DictConfig) -> Path:
     (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
     info["export_check"] = check_export(graph.cpu(), folder, list(info["files"]), size)
     (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
-    print(f"exported {info['method']} ({', '.join(info['files'].values())}) to {folder}; max |exported - torch| on a "
-          f"random batch: {info['export_check']}", flush=True)  # fmt: skip
+    print(
+        f"exported {info['method']} ({', '.join(info['files'].values())}) to {folder}; max |exported - torch| on a "
+        f"random batch: {info['export_check']}",
+        flush=True,
+    )
     return folder
 
 

@@ -23,8 +23,16 @@ from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
 from vlmad.published import PUBLISHED, lookup
 
 REPORT = "report.html"
-SHOWN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
-         "pixel_aupro_legacy")  # fmt: skip
+SHOWN = (
+    "image_auroc",
+    "image_ap",
+    "image_f1max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1max",
+    "pixel_aupro",
+    "pixel_aupro_legacy",
+)
 KSHOT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 CSS = """
@@ -50,8 +58,10 @@ def _pct(value: float | None, std: float | None = None) -> str:
 
 
 def _page(title: str, body: list[str]) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _write(path: Path, text: str) -> Path:
@@ -140,12 +150,14 @@ def svg_plot(
     def py(y: float) -> float:
         return top + ph * (1 - (y - ylim[0]) / ((ylim[1] - ylim[0]) or 1.0))
 
-    parts = [f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>{_esc(title)}</title>',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>',
-             f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{_esc(title)}</text>',
-             f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle" font-size="11">{_esc(xlabel)}</text>',
-             f'<text x="11" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
-             f'transform="rotate(-90 11 {top + ph / 2})">{_esc(ylabel)}</text>']  # fmt: skip
+    parts = [
+        f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img"><title>{_esc(title)}</title>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>',
+        f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="12">{_esc(title)}</text>',
+        f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle" font-size="11">{_esc(xlabel)}</text>',
+        f'<text x="11" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 11 {top + ph / 2})">{_esc(ylabel)}</text>',
+    ]
     for i in range(5):
         xv, yv = xlim[0] + i * (xlim[1] - xlim[0]) / 4, ylim[0] + i * (ylim[1] - ylim[0]) / 4
         parts.append(f'<text x="{px(xv):.1f}" y="{top + ph + 12}" font-size="9" text-anchor="middle">{xv:g}</text>')
@@ -159,8 +171,9 @@ def svg_plot(
         for j, err in enumerate((errors[k] if errors else None) or []):
             if err is not None and not math.isnan(err):
                 x, y = px(xs[j]), ys[j]
-                parts.append(f'<line x1="{x:.1f}" y1="{py(y - err):.1f}" x2="{x:.1f}" y2="{py(y + err):.1f}" '
-                             f'stroke="{colour}"/>')  # fmt: skip
+                parts.append(
+                    f'<line x1="{x:.1f}" y1="{py(y - err):.1f}" x2="{x:.1f}" y2="{py(y + err):.1f}" stroke="{colour}"/>'
+                )
         parts.append(f'<text x="{left + 6}" y="{top + 14 + 13 * k}" font-size="10" fill="{colour}">{_esc(name)}</text>')
     return "".join(parts) + "</svg>"
 
@@ -197,8 +210,7 @@ def _curves(predictions: dict[str, tuple[list[float], list[int]]], rows: dict[st
     for category, (scores, labels) in predictions.items():
         fpr, tpr, precision = roc_pr_points(scores, labels)
         auroc, ap = rows.get(category, {}).get("image_auroc"), rows.get(category, {}).get("image_ap")
-        roc = svg_plot([("ROC", fpr, tpr)], f"{category}: image ROC (AUROC {_pct(auroc)})", "FPR", "TPR",
-                       diagonal=True)  # fmt: skip
+        roc = svg_plot([("ROC", fpr, tpr)], f"{category}: image ROC (AUROC {_pct(auroc)})", "FPR", "TPR", diagonal=True)
         pr = svg_plot([("PR", tpr[1:], precision)], f"{category}: image PR (AP {_pct(ap)})", "recall", "precision")
         figures.append(f'<div id="curves-{_esc(category)}">{roc}{pr}</div>')
     return '<div class="curves">' + "".join(figures) + "</div>" if figures else "<p>(no predictions.csv)</p>"
@@ -222,8 +234,10 @@ def _gallery(run_dir: Path, categories: Sequence[str]) -> str:
             continue
         out.append(f"<h3>{_esc(category)}</h3>")
         for png in pngs:
-            out.append(f'<figure><img class="panel" alt="{_esc(png.stem)}" src="{_data_uri(png)}">'
-                       f"<figcaption>{_esc(png.name)}</figcaption></figure>")  # fmt: skip
+            out.append(
+                f'<figure><img class="panel" alt="{_esc(png.stem)}" src="{_data_uri(png)}">'
+                f"<figcaption>{_esc(png.name)}</figcaption></figure>"
+            )
     return "\n".join(out) or "<p>(no heatmap panels saved)</p>"
 
 
@@ -236,8 +250,11 @@ def _thresholds_note(run_dir: Path) -> str:
     def num(value: Any) -> str:
         return "none" if value is None else f"{value:.4g}"
 
-    items = "".join(f"<li>{_esc(c)}: image {num(t.get('image_threshold'))}, pixel {num(t.get('pixel_threshold'))}"
-                    f" ({_esc(t.get('source'))})</li>" for c, t in data.items())  # fmt: skip
+    items = "".join(
+        f"<li>{_esc(c)}: image {num(t.get('image_threshold'))}, pixel {num(t.get('pixel_threshold'))}"
+        f" ({_esc(t.get('source'))})</li>"
+        for c, t in data.items()
+    )
     return f"<h2>Thresholds (per-image decisions in predictions.csv)</h2><ul>{items}</ul>"
 
 
@@ -250,9 +267,11 @@ def _paper_note(published: str | None) -> str:
 def run_title(info: dict[str, Any]) -> str:
     """Method, data, k-shot and backbone [weights] of a run from its ``run.json``."""
     weights = info.get("pretrained") or "random weights"
-    return (f"{info.get('method')} k_shot={info.get('k_shot')} on {info.get('eval_set')} | "
-            f"{info.get('backbone')} [{weights}] | {info.get('image_size')}px"
-            + (f" | {info['protocol']}" if info.get("protocol") else ""))  # fmt: skip
+    return (
+        f"{info.get('method')} k_shot={info.get('k_shot')} on {info.get('eval_set')} | "
+        f"{info.get('backbone')} [{weights}] | {info.get('image_size')}px"
+        + (f" | {info['protocol']}" if info.get("protocol") else "")
+    )
 
 
 def write_run_report(run_dir: str | os.PathLike) -> Path:
@@ -267,14 +286,20 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
     paper = lookup(info.get("published"))
     flag_texts = flags(info.get("pretrained"), info.get("eval_categories"), info.get("published"))
     title = run_title(info)
-    body = [f"<h1>{_esc(title)}</h1>", f"<p>{_flag_html(flag_texts)}</p>" if flag_texts else "",
-            f'<p class="note">run folder {_esc(run_dir.name)}; values in percent; F1-max is an oracle (threshold on '
-            f"the test labels); {_paper_note(info.get('published'))}</p>",
-            "<h2>Per-category metrics</h2>", _run_table(rows, paper, flag_texts),
-            *(f'<p class="note">{_esc(n)}</p>' for n in coverage_notes(rows)),
-            "<h2>Image-level ROC and PR curves</h2>",
-            _curves(read_predictions(run_dir / "predictions.csv"), rows), _thresholds_note(run_dir),
-            "<h2>Heatmaps</h2>", _gallery(run_dir, [c for c in rows if c != MEAN_ROW])]  # fmt: skip
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f"<p>{_flag_html(flag_texts)}</p>" if flag_texts else "",
+        f'<p class="note">run folder {_esc(run_dir.name)}; values in percent; F1-max is an oracle (threshold on '
+        f"the test labels); {_paper_note(info.get('published'))}</p>",
+        "<h2>Per-category metrics</h2>",
+        _run_table(rows, paper, flag_texts),
+        *(f'<p class="note">{_esc(n)}</p>' for n in coverage_notes(rows)),
+        "<h2>Image-level ROC and PR curves</h2>",
+        _curves(read_predictions(run_dir / "predictions.csv"), rows),
+        _thresholds_note(run_dir),
+        "<h2>Heatmaps</h2>",
+        _gallery(run_dir, [c for c in rows if c != MEAN_ROW]),
+    ]
     return _write(run_dir / REPORT, _page(title, body))
 
 
@@ -332,8 +357,9 @@ def _kshot_plots(rows: list[dict[str, Any]]) -> str:
         errors = [[s for _, _, s in p] for p in curves.values()]
         values = [v for _, _, ys in series for v in ys if not math.isnan(v)]
         low = max(0.0, math.floor(10 * min(values)) / 10) if values else 0.0
-        plots.append(svg_plot(series, label, "k_shot", "mean ± std over seeds", (min(ks), max(ks)), (low, 1.0),
-                              errors=errors))  # fmt: skip
+        plots.append(
+            svg_plot(series, label, "k_shot", "mean ± std over seeds", (min(ks), max(ks)), (low, 1.0), errors=errors)
+        )
     return '<div class="curves">' + "".join(plots) + "</div>" if plots else "<p>(k_shot does not vary)</p>"
 
 
@@ -351,12 +377,20 @@ def write_sweep_report(root: str | os.PathLike, result: dict[str, Any]) -> Path:
     rows, runs, failed = result["rows"], result["runs"], result["failed"]
     all_flags = sorted({t for r in rows for t in flags(r.get("pretrained"), r.get("eval_categories"))})
     title = f"Sweep {root.name}: {len(runs)} finished run(s)"
-    links = "".join(f'<li><a href="{_esc(Path(r["dir"]) / REPORT)}">{_esc(r["dir"])}</a></li>' for r in runs
-                    if (root / r["dir"] / REPORT).exists())  # fmt: skip
-    body = [f"<h1>{_esc(title)}</h1>", f"<p>{_flag_html(all_flags)}</p>" if all_flags else "",
-            '<p class="note">mean ± std over seeds (reference draws), percent; (paper) = published numbers.</p>',
-            "<h2>Mean ± std per setting</h2>", _sweep_table(rows) if rows else "<p>(no finished runs)</p>",
-            "<h2>k-shot curve</h2>", _kshot_plots(rows)]  # fmt: skip
+    links = "".join(
+        f'<li><a href="{_esc(Path(r["dir"]) / REPORT)}">{_esc(r["dir"])}</a></li>'
+        for r in runs
+        if (root / r["dir"] / REPORT).exists()
+    )
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f"<p>{_flag_html(all_flags)}</p>" if all_flags else "",
+        '<p class="note">mean ± std over seeds (reference draws), percent; (paper) = published numbers.</p>',
+        "<h2>Mean ± std per setting</h2>",
+        _sweep_table(rows) if rows else "<p>(no finished runs)</p>",
+        "<h2>k-shot curve</h2>",
+        _kshot_plots(rows),
+    ]
     if failed:
         items = "".join(f"<li>{_esc(f['dir'])}: {_esc(f['reason'])}</li>" for f in failed)
         body.append(f"<h2>Failed or incomplete ({len(failed)})</h2><ul>{items}</ul>")

@@ -159,10 +159,15 @@ class AnomalyModule(L.LightningModule):
         """Hand the batch to the method; keep only what the metrics and outputs need once the category is scored."""
         self.method.accumulate(batch["image"], list(batch["class_name"]))
         # no images: panels read theirs back from the dataset at the category's end
-        self._pending.append({
-            "label": batch["label"].cpu(), "mask": batch["mask"].cpu() != 0, "has_mask": batch["has_mask"].cpu(),
-            "path": list(batch["path"]), "defect_type": list(batch["defect_type"]),
-        })  # fmt: skip
+        self._pending.append(
+            {
+                "label": batch["label"].cpu(),
+                "mask": batch["mask"].cpu() != 0,
+                "has_mask": batch["has_mask"].cpu(),
+                "path": list(batch["path"]),
+                "defect_type": list(batch["defect_type"]),
+            }
+        )
 
     def _score_transductive(self) -> None:
         """Score the open category's accumulated images as one set, then update metrics and save overlays."""
@@ -246,8 +251,10 @@ class AnomalyModule(L.LightningModule):
         from vlmad.predict import calibrate_threshold
 
         if self.method.transductive:
-            return no_threshold("n/a: a transductive method scores the category's test images together, so "
-                                "training images cannot be scored one by one")  # fmt: skip
+            return no_threshold(
+                "n/a: a transductive method scores the category's test images together, so "
+                "training images cannot be scored one by one"
+            )
         if not self.threshold["calibrate"]:
             return no_threshold("none (module.threshold.calibrate=false)")
         dm, q = self._datamodule, float(self.threshold["quantile"])
@@ -257,8 +264,11 @@ class AnomalyModule(L.LightningModule):
         loader = DataLoader(dm._dataset(dm.test_set, records, dm.transform), batch_size=dm.batch_size)
         data = calibrate_threshold(self.method, (b["image"] for b in loader), q, dm.prompt_name(category))
         excluded = " (few-shot references excluded)" if references else ""
-        return {**data, "source": f"q={q:g} of {len(records)} train/good images{excluded}",
-                "images": [str(r.image) for r in records]}  # fmt: skip
+        return {
+            **data,
+            "source": f"q={q:g} of {len(records)} train/good images{excluded}",
+            "images": [str(r.image) for r in records],
+        }
 
     def _save_panels(self) -> None:
         if self.num_overlays <= 0 and not self.save_all_overlays:

@@ -31,9 +31,18 @@ from vlmad.viz import (
 )
 
 PREDICTION_COLUMNS = (
-    "path", "category", "label", "defect_type", "has_mask", "image_score", "max_pixel_score",
-    "image_threshold", "pixel_threshold", "decision", "threshold_source",
-)  # fmt: skip
+    "path",
+    "category",
+    "label",
+    "defect_type",
+    "has_mask",
+    "image_score",
+    "max_pixel_score",
+    "image_threshold",
+    "pixel_threshold",
+    "decision",
+    "threshold_source",
+)
 MAP_SAMPLE = 4096  # map values kept per image for the category's colour scale (percentiles of a subsample)
 SCALE_PERCENTILES = (1.0, 99.0)
 
@@ -124,26 +133,39 @@ class CategoryOutputs:
         self._samples.append(maps_np.reshape(len(maps_np), -1)[:, ::step].ravel())
         for i in range(len(scores_np)):
             index = len(self.rows)
-            self.rows.append({
-                "path": str(batch["path"][i]), "category": self.category, "label": int(batch["label"][i]),
-                "defect_type": str(batch["defect_type"][i]), "has_mask": bool(batch["has_mask"][i]),
-                "image_score": float(scores_np[i]), "max_pixel_score": float(maps_np[i].max()),
-            })  # fmt: skip
+            self.rows.append(
+                {
+                    "path": str(batch["path"][i]),
+                    "category": self.category,
+                    "label": int(batch["label"][i]),
+                    "defect_type": str(batch["defect_type"][i]),
+                    "has_mask": bool(batch["has_mask"][i]),
+                    "image_score": float(scores_np[i]),
+                    "max_pixel_score": float(maps_np[i].max()),
+                }
+            )
             self.maps[index] = maps_np[i].astype(np.float16)  # display only: half the memory
         if self.num_panels is not None:
             keep = keep_set(*self._columns(), self.num_panels)
             self.maps = {i: m for i, m in self.maps.items() if i in keep}
 
     def _columns(self) -> tuple[list[float], list[int], list[str]]:
-        return ([r["image_score"] for r in self.rows], [r["label"] for r in self.rows],
-                [r["defect_type"] for r in self.rows])  # fmt: skip
+        return (
+            [r["image_score"] for r in self.rows],
+            [r["label"] for r in self.rows],
+            [r["defect_type"] for r in self.rows],
+        )
 
     def finish(self, threshold: dict[str, Any]) -> list[dict[str, Any]]:
         """The rows with the category's thresholds, their source and the OK / NG decision."""
         t_image, t_pixel = threshold.get("image_threshold"), threshold.get("pixel_threshold")
         for row in self.rows:
-            row.update(image_threshold=t_image, pixel_threshold=t_pixel, threshold_source=threshold["source"],
-                       decision=decision(row["image_score"], t_image))  # fmt: skip
+            row.update(
+                image_threshold=t_image,
+                pixel_threshold=t_pixel,
+                threshold_source=threshold["source"],
+                decision=decision(row["image_score"], t_image),
+            )
         return self.rows
 
     def scale(self) -> tuple[float, float]:
@@ -176,8 +198,9 @@ class CategoryOutputs:
             image = resize_array(denormalize_image(sample["image"], mean, std), size, "image")
             amap = resize_array(self.maps[index].astype(np.float32), size, "map")
             gt = resize_array(sample["mask"].numpy(), size, "mask") if row["has_mask"] else None
-            panel = render_panel(image, amap, gt, (vmin, vmax), self._header(row, reason), note,
-                                 threshold.get("pixel_threshold"))  # fmt: skip
+            panel = render_panel(
+                image, amap, gt, (vmin, vmax), self._header(row, reason), note, threshold.get("pixel_threshold")
+            )
             path = folder / f"{k:02d}_{reason}_{row['defect_type']}_{Path(row['path']).stem}.png"
             save_png(path, panel)
             written.append(path)

@@ -136,8 +136,9 @@ def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
     if cfg.get("ckpt_path"):
         load_method_weights(method, cfg.ckpt_path)
     elif method.trainable:
-        log.warning("predicting with %s without ckpt_path: its learned parts are at their initial values",
-                    type(method).__name__)  # fmt: skip
+        log.warning(
+            "predicting with %s without ckpt_path: its learned parts are at their initial values", type(method).__name__
+        )
     method = method.to(resolve_device(cfg.get("device", "auto"))).eval()
     return method, Preprocess(**backbone.preprocess_config())  # the datamodule's source too (vlmad.run.build)
 
@@ -217,8 +218,12 @@ def resolve_threshold(
     given = [k for k, v in sources.items() if v is not None]
     if len(given) > 1:
         raise PredictError(f"give only one threshold source, got threshold.{' and threshold.'.join(given)}")
-    meta = {"method": type(method).__name__, "backbone": method.backbone.model_name, "class_name": cfg.class_name,
-            "k_shot": method.k_shot}  # fmt: skip
+    meta = {
+        "method": type(method).__name__,
+        "backbone": method.backbone.model_name,
+        "class_name": cfg.class_name,
+        "k_shot": method.k_shot,
+    }
     beside = Path(f"{cfg.ckpt_path}.threshold.json") if cfg.get("ckpt_path") else None
     if tcfg.value is not None:
         pixel = tcfg.value if tcfg.pixel_value is None else tcfg.pixel_value
@@ -228,9 +233,11 @@ def resolve_threshold(
         exclude = {p.resolve() for p in references}
         paths = [p for p in paths if p.resolve() not in exclude]
         data = calibrate_threshold(
-            method, (b for _, _, b in load_batches(paths, preprocess, cfg.batch_size, skipped)),
-            float(tcfg.calibration.quantile), cfg.class_name,
-        )  # fmt: skip
+            method,
+            (b for _, _, b in load_batches(paths, preprocess, cfg.batch_size, skipped)),
+            float(tcfg.calibration.quantile),
+            cfg.class_name,
+        )
         data = {**data, **meta, "source": str(Path(tcfg.calibration.dir).resolve())}
         if beside is not None:
             _save_beside_checkpoint(str(cfg.ckpt_path), data)
@@ -254,8 +261,15 @@ def _stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-def _write_outputs(out: Path, stem: str, image: Tensor, anomaly_map: Tensor, size: tuple[int, int],
-                   pixel_threshold: float, preprocess: Preprocess) -> tuple[Path, Path]:  # fmt: skip
+def _write_outputs(
+    out: Path,
+    stem: str,
+    image: Tensor,
+    anomaly_map: Tensor,
+    size: tuple[int, int],
+    pixel_threshold: float,
+    preprocess: Preprocess,
+) -> tuple[Path, Path]:
     """Overlay at the model's resolution; mask at the image's own size (the map resized back bilinearly)."""
     pixels = denormalize_image(image, preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist())
     panel = overlay_panel(pixels, anomaly_map.numpy(), (anomaly_map > pixel_threshold).numpy())
@@ -287,8 +301,9 @@ def load_exported(cfg: DictConfig) -> tuple[Callable[[Tensor], tuple[Tensor, Ten
     from vlmad import deploy
 
     if cfg.backend not in deploy.BACKENDS or not cfg.get("model"):
-        raise PredictError(f"backend={cfg.backend} needs backend=onnx|openvino and model=<folder written by "
-                           "python -m vlmad.export>")  # fmt: skip
+        raise PredictError(
+            f"backend={cfg.backend} needs backend=onnx|openvino and model=<folder written by python -m vlmad.export>"
+        )
     model = deploy.load(cfg.model, cfg.backend)
     preprocess = Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
 
@@ -308,8 +323,13 @@ def _exported_threshold(cfg: DictConfig, model: Any, preprocess: Preprocess) -> 
     given = [k for k, v in sources.items() if v is not None]
     if len(given) > 1:
         raise PredictError(f"give only one threshold source, got threshold.{' and threshold.'.join(given)}")
-    meta = {"method": info["method"], "backbone": info["backbone"]["model_name"], "class_name": info["class_name"],
-            "k_shot": info["k_shot"], "model": str(Path(cfg.model).resolve())}  # fmt: skip
+    meta = {
+        "method": info["method"],
+        "backbone": info["backbone"]["model_name"],
+        "class_name": info["class_name"],
+        "k_shot": info["k_shot"],
+        "model": str(Path(cfg.model).resolve()),
+    }
     if t.value is not None:
         pixel = t.value if t.pixel_value is None else t.pixel_value
         return {"image_threshold": float(t.value), "pixel_threshold": float(pixel), **meta, "source": "value"}
@@ -362,10 +382,19 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             for i, path in enumerate(batch_paths):
                 use_score = cfg.threshold.use == "score"
                 score, t = (float(scores[i]), image_t) if use_score else (float(maps[i].max()), pixel_t)
-                overlay, mask = _write_outputs(out, _stem(path, used), images[i], maps[i], sizes[i], pixel_t,
-                                               preprocess)  # fmt: skip
-                rows.append({"path": str(path), "score": score, "is_anomalous": score > t, "threshold": t,
-                             "overlay": str(overlay), "mask": str(mask)})  # fmt: skip
+                overlay, mask = _write_outputs(
+                    out, _stem(path, used), images[i], maps[i], sizes[i], pixel_t, preprocess
+                )
+                rows.append(
+                    {
+                        "path": str(path),
+                        "score": score,
+                        "is_anomalous": score > t,
+                        "threshold": t,
+                        "overlay": str(overlay),
+                        "mask": str(mask),
+                    }
+                )
                 writer.writerow([safe_name(path), score, int(score > t), t])
             table.flush()  # rows are on disk as they are made: a crash keeps every scored image
     _write_reports(out, rows, skipped)
@@ -386,8 +415,12 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[Pa
         with _text_out(out / "skipped.txt") as f:
             f.write("".join(f"{safe_name(p)}\t{safe_name(reason)}\n" for p, reason in skipped))
     n_anomalous = sum(r["is_anomalous"] for r in rows)
-    print(f"{len(rows)} images scored, {n_anomalous} anomalous, {len(skipped)} skipped"
-          + (f" (see {out / 'skipped.txt'})" if skipped else "") + f"; outputs in {out}", flush=True)  # fmt: skip
+    print(
+        f"{len(rows)} images scored, {n_anomalous} anomalous, {len(skipped)} skipped"
+        + (f" (see {out / 'skipped.txt'})" if skipped else "")
+        + f"; outputs in {out}",
+        flush=True,
+    )
     if not rows:
         raise PredictError(f"none of the inputs could be read; see {out / 'skipped.txt'}")
 

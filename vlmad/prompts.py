@@ -19,45 +19,96 @@ from vlmad.cache import load_entry, save_entry
 
 log = logging.getLogger(__name__)
 
-NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                 "{} without damage"]  # fmt: skip
+NORMAL_STATES = [
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+]
 WINCLIP_ANOMALOUS = ["damaged {}", "{} with flaw", "{} with defect", "{} with damage"]
 APRILGAN_ANOMALOUS = ["damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"]
 
 # anomalib 2.7.0's list, verbatim: entry 9 duplicates entry 8 (a typo that doubles that prompt's weight) and
 # "a cropped photo of a {}." is missing. Kept for parity; `winclip_22` is the clean list.
 WINCLIP_ANOMALIB_TEMPLATES = [
-    "a cropped photo of the {}.", "a close-up photo of a {}.", "a close-up photo of the {}.",
-    "a bright photo of a {}.", "a bright photo of the {}.", "a dark photo of the {}.", "a dark photo of a {}.",
-    "a jpeg corrupted photo of the {}.", "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.",
-    "a blurry photo of a {}.", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
-    "a photo of the small {}.", "a photo of a large {}.", "a photo of the large {}.",
-    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
-    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
-]  # fmt: skip
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+]
 # caoyunkang/WinClip's 22 templates (both articles for every adjective, no duplicate), with periods.
 WINCLIP_22_TEMPLATES = [
-    f"a {adj}photo of {art} {{}}." for adj in ["cropped ", "close-up ", "bright ", "dark ", "jpeg corrupted ",
-                                               "blurry ", ""] for art in ["a", "the"]
+    f"a {adj}photo of {art} {{}}."
+    for adj in ["cropped ", "close-up ", "bright ", "dark ", "jpeg corrupted ", "blurry ", ""]
+    for art in ["a", "the"]
 ] + [
-    "a photo of a small {}.", "a photo of the small {}.", "a photo of a large {}.", "a photo of the large {}.",
-    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
-    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
-]  # fmt: skip
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+]
 # ByChelsea/VAND-APRIL-GAN prompt_ensemble.py, in the reference's order (summation order matters for bit parity).
 APRILGAN_TEMPLATES = [
-    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a bright photo of a {}.", "a dark photo of the {}.", "a photo of my {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a bright photo of the {}.", "a cropped photo of a {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a photo of one {}.",
-    "a close-up photo of the {}.", "a photo of a {}.", "a low resolution photo of a {}.",
-    "a photo of a large {}.", "a blurry photo of a {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a photo of the small {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "a dark photo of a {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "there is a {} in the scene.", "there is the {} in the scene.",
-    "this is a {} in the scene.", "this is the {} in the scene.", "this is one {} in the scene.",
-]  # fmt: skip
+    "a bad photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a photo of my {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of one {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of a large {}.",
+    "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "a dark photo of a {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+]
 
 
 @dataclass(frozen=True)
@@ -135,8 +186,9 @@ class TextFeatureCache:
         self._store: dict[str, Tensor] = {}
         self.encoded = 0  # how many prototype pairs were actually computed (not loaded)
 
-    def get(self, backbone: ClipBackbone, prompts: PromptSet, name: str, normalize_prompts: bool,
-            renormalize: bool) -> Tensor:  # fmt: skip
+    def get(
+        self, backbone: ClipBackbone, prompts: PromptSet, name: str, normalize_prompts: bool, renormalize: bool
+    ) -> Tensor:
         """Cached :func:`ensemble_text_features`."""
         raw = repr((backbone.signature(), prompts, name, normalize_prompts, renormalize))
         key = hashlib.sha1(raw.encode()).hexdigest()[:24]
@@ -153,8 +205,9 @@ class TextFeatureCache:
                 try:
                     save_entry(path, raw, feats.cpu())
                 except OSError as err:  # e.g. a read-only shared cache: keep the prototypes in memory only
-                    log.warning("text-feature cache %s is not writable (%s): keeping prototypes in memory",
-                                self.directory, err)  # fmt: skip
+                    log.warning(
+                        "text-feature cache %s is not writable (%s): keeping prototypes in memory", self.directory, err
+                    )
                     self.directory = None
         self._store[key] = feats
         return feats

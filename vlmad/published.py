@@ -45,8 +45,14 @@ def _table(columns: tuple[str, ...], text: str) -> dict[str, dict[str, float]]:
 
 
 # --- WinCLIP (Jeong et al., CVPR 2023), Tables 1-2; k-shot: mean ± std over 5 reference draws ---------------
-_WINCLIP_COLS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_aupro+pixel_aupro_legacy",
-                 "pixel_f1max")  # fmt: skip
+_WINCLIP_COLS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1max",
+    "pixel_auroc",
+    "pixel_aupro+pixel_aupro_legacy",
+    "pixel_f1max",
+)
 _WINCLIP_CAT_COLS = ("image_auroc", "pixel_auroc", "image_f1max", "pixel_f1max")
 _WINCLIP_SRC = "WinCLIP paper Tables 1-2 (PRO variant unknown: shown against both AUPRO columns)"
 _WINCLIP_CAT_SRC = "; per category: caoyunkang/WinClip README 'Reported' columns"
@@ -140,8 +146,15 @@ _ANOMALYCLIP = {
 }
 
 # --- APRIL-GAN (Chen et al., CVPR 2023 VAND workshop report) -------------------------------------------------
-_APRILGAN_COLS = ("image_auroc", "image_f1max", "image_ap", "pixel_auroc", "pixel_f1max", "pixel_ap",
-                  "pixel_aupro_legacy")  # fmt: skip
+_APRILGAN_COLS = (
+    "image_auroc",
+    "image_f1max",
+    "image_ap",
+    "pixel_auroc",
+    "pixel_f1max",
+    "pixel_ap",
+    "pixel_aupro_legacy",
+)
 _APRILGAN_SRC = "APRIL-GAN report as reproduced in xrli-U/MuSc README and AnomalyCLIP Table 1 (AUPRO = legacy)"
 _APRILGAN = {
     "aprilgan_visa_to_mvtec": (86.1, 90.4, 93.5, 87.6, 43.3, 40.8, 44.0),
@@ -153,8 +166,10 @@ _APRILGAN = {
 # --- MuSc (Li et al., ICLR 2024): transductive zero-shot; released code's README per-category tables -------------
 _MUSC_COLS = ("image_auroc", "image_f1max", "image_ap", "pixel_auroc", "pixel_f1max", "pixel_ap", "pixel_aupro_legacy")
 _MUSC_CAT_COLS = ("image_auroc", "pixel_auroc", "pixel_aupro_legacy")
-_MUSC_SRC = ("MuSc, xrli-U/MuSc README: means of its per-category tables (ViT-L-14-336, 518 px; AUPRO = legacy); "
-             "transductive zero-shot (mutual scoring over each category's unlabelled test images)")  # fmt: skip
+_MUSC_SRC = (
+    "MuSc, xrli-U/MuSc README: means of its per-category tables (ViT-L-14-336, 518 px; AUPRO = legacy); "
+    "transductive zero-shot (mutual scoring over each category's unlabelled test images)"
+)
 # The README's own VisA table is inconsistent: its per-category pixel AUROCs average 98.84, its mean row says 98.71
 # (checked against the README at b76b93d); both are kept as printed.
 _MUSC = {

@@ -30,19 +30,53 @@ from vlmad.metrics.table import MEAN_ROW, read_csv, render_table
 from vlmad.published import PUBLISHED, lookup
 
 RUN_JSON = "run.json"
-GROUP_FIELDS = ("experiment", "method", "eval_set", "eval_root", "eval_categories", "fit_set", "fit_root",
-                "max_epochs", "k_shot", "backbone", "pretrained", "image_size", "pixel_size", "mask_resize",
-                "aupro_mode", "published", "extra")  # fmt: skip
+GROUP_FIELDS = (
+    "experiment",
+    "method",
+    "eval_set",
+    "eval_root",
+    "eval_categories",
+    "fit_set",
+    "fit_root",
+    "max_epochs",
+    "k_shot",
+    "backbone",
+    "pretrained",
+    "image_size",
+    "pixel_size",
+    "mask_resize",
+    "aupro_mode",
+    "published",
+    "extra",
+)
 ALWAYS_SHOWN = ("method", "eval_set", "k_shot")
 # overrides left out of the `extra` group field: the seed is what we average over, some do not change the numbers,
 # the rest are already group fields of their own (method, data, backbone, ...)
 _NOT_A_SETTING = (
-    "seed", "experiment", "ckpt_path", "trainer.accelerator", "trainer.devices", "trainer.enable_progress_bar",
-    "datamodule.num_workers", "datamodule.batch_size", "published", "method", "method.k_shot", "trainer.max_epochs",
-    "datamodule.mask_resize", "module.metrics.pixel_size", "module.metrics.aupro_mode", "run_name", "tags",
-    "module.feature_cache", "module.num_overlays", "module.save_all_overlays", "module.threshold.calibrate",
-    "module.threshold.quantile", "module.threshold.max_images",
-)  # fmt: skip
+    "seed",
+    "experiment",
+    "ckpt_path",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.enable_progress_bar",
+    "datamodule.num_workers",
+    "datamodule.batch_size",
+    "published",
+    "method",
+    "method.k_shot",
+    "trainer.max_epochs",
+    "datamodule.mask_resize",
+    "module.metrics.pixel_size",
+    "module.metrics.aupro_mode",
+    "run_name",
+    "tags",
+    "module.feature_cache",
+    "module.num_overlays",
+    "module.save_all_overlays",
+    "module.threshold.calibrate",
+    "module.threshold.quantile",
+    "module.threshold.max_images",
+)
 _NOT_A_SETTING_TREE = ("paths", "hydra", "backbone", "data", "test_data", "logger")  # the node and all its keys
 
 
@@ -198,8 +232,12 @@ def aggregate(runs: list[dict[str, Any]], per_category: bool = False, ddof: int 
         paper = lookup(fields["published"])
         paper_std = {k: v / 100 for k, v in PUBLISHED[fields["published"]].std.items()} if paper else {}
         for category in [*(categories if per_category else []), MEAN_ROW]:
-            row: dict[str, Any] = {**fields, "category": category, "n": len(members),
-                                   "seeds": " ".join(str(m["info"].get("seed")) for m in members)}  # fmt: skip
+            row: dict[str, Any] = {
+                **fields,
+                "category": category,
+                "n": len(members),
+                "seeds": " ".join(str(m["info"].get("seed")) for m in members),
+            }
             metrics = list(dict.fromkeys(k for m in members for k in m["rows"].get(category, {})))
             for metric in metrics:
                 mean, std, _ = _stats((m["rows"].get(category, {}).get(metric, math.nan) for m in members), ddof)

@@ -25,8 +25,10 @@ from vlmad.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
 
-COMPARISON_HINT = ("a comparison runs several methods: `python -m vlmad.compare experiment=<comparison|demo> ...` "
-                   "({script} runs one method)")  # fmt: skip
+COMPARISON_HINT = (
+    "a comparison runs several methods: `python -m vlmad.compare experiment=<comparison|demo> ...` "
+    "({script} runs one method)"
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -39,8 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _resolved_without_hydra(cfg: DictConfig) -> dict:
     # configs composed in Python keep the hydra node, whose sweep keys cannot resolve outside a multirun
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}  # fmt: skip
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
 
 
 def _loggers(cfg: DictConfig) -> list:
@@ -69,13 +74,22 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
     datamodule = instantiate(cfg.datamodule, **sets, **backbone.preprocess_config())  # size, mean, std: one source
     loggers = _loggers(cfg)
     trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg) if fit else [],
-        plugins=[AtomicCheckpointIO()], enable_checkpointing=fit,
-    )  # fmt: skip
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=_callbacks(cfg) if fit else [],
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=fit,
+    )
     for lg in loggers:
         lg.log_hyperparams(_resolved_without_hydra(cfg))
-    return {"backbone": backbone, "method": method, "module": module, "datamodule": datamodule,
-            "trainer": trainer, "loggers": loggers}  # fmt: skip
+    return {
+        "backbone": backbone,
+        "method": method,
+        "module": module,
+        "datamodule": datamodule,
+        "trainer": trainer,
+        "loggers": loggers,
+    }
 
 
 def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -> None:
@@ -108,9 +122,11 @@ def _protocol(cfg: DictConfig) -> str | None:
 def _title(cfg: DictConfig, data_key: str) -> str:
     k = cfg.method.get("k_shot", 0)
     weights = cfg.backbone.pretrained or "RANDOM WEIGHTS (pipeline check, not method quality)"
-    return (f"{target_name(cfg.method)} k_shot={k} on {target_name(cfg[data_key])} "
-            f"| {cfg.backbone.model_name} [{weights}] | {cfg.backbone.image_size}px"
-            + (f" | {_protocol(cfg)}" if _protocol(cfg) else ""))  # fmt: skip
+    return (
+        f"{target_name(cfg.method)} k_shot={k} on {target_name(cfg[data_key])} "
+        f"| {cfg.backbone.model_name} [{weights}] | {cfg.backbone.image_size}px"
+        + (f" | {_protocol(cfg)}" if _protocol(cfg) else "")
+    )
 
 
 def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -152,8 +168,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, An
     if checkpoint is not None:
         load_method_weights(objects["method"], cfg.ckpt_path)
     elif objects["method"].trainable:
-        log.warning("evaluating %s without ckpt_path: its learned parts are at their initial values",
-                    type(objects["method"]).__name__)  # fmt: skip
+        log.warning(
+            "evaluating %s without ckpt_path: its learned parts are at their initial values",
+            type(objects["method"]).__name__,
+        )
     objects["trainer"].test(objects["module"], datamodule=objects["datamodule"], verbose=False)
     results = objects["module"].results
     _report(cfg, results, _title(cfg, "data"))
@@ -169,9 +187,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]
     if "comparison" in cfg:
         raise ConfigError(COMPARISON_HINT.format(script="train.py"))
     if cfg.get("test_data") is None:
-        raise ConfigError(f"{cfg.data.get('root')}: fitting on your own data has no default test set; name one, e.g. "
-                          "test_data=folder test_data.root=... (testing on the fitted split would score the images it "
-                          "learned)")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.data.get('root')}: fitting on your own data has no default test set; name one, e.g. "
+            "test_data=folder test_data.root=... (testing on the fitted split would score the images it "
+            "learned)"
+        )
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)  # a missing or truncated file fails in seconds, naming it
         for stale in remove_partial_writes(Path(cfg.ckpt_path).parent):

@@ -59,16 +59,30 @@ def installed(tmp_path_factory) -> Path:
 def test_wheel_ships_conf_and_vlmad_evaluate_runs_outside_the_checkout(installed, tmp_path):
     from vlmad.data.synthetic import generate
 
-    where = _run([installed / "bin" / "python", "-c", "import vlmad.config as c; print(c.__file__, c.CONF_DIR)"],
-                 tmp_path).stdout.split()  # fmt: skip
+    where = _run(
+        [installed / "bin" / "python", "-c", "import vlmad.config as c; print(c.__file__, c.CONF_DIR)"], tmp_path
+    ).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in where)  # the wheel's copy, not the checkout
     assert (Path(where[1]) / "evaluate.yaml").is_file() and (Path(where[1]) / "backbone" / "tiny.yaml").is_file()
 
     root = generate(tmp_path / "data", layout="mvtec", categories=["bottle_syn"], **SYNTHETIC)
     data = [f"data.{k}={v}" for k, v in SYNTHETIC.items()]
-    _run([installed / "bin" / "vlmad", "evaluate", "backbone=tiny", "backbone.image_size=64", "data=synthetic",
-          f"data.root={root}", "data.categories=[bottle_syn]", *data, "trainer.accelerator=cpu",
-          "datamodule.num_workers=0", "module.num_overlays=0"], cwd=tmp_path)  # fmt: skip
+    _run(
+        [
+            installed / "bin" / "vlmad",
+            "evaluate",
+            "backbone=tiny",
+            "backbone.image_size=64",
+            "data=synthetic",
+            f"data.root={root}",
+            "data.categories=[bottle_syn]",
+            *data,
+            "trainer.accelerator=cpu",
+            "datamodule.num_workers=0",
+            "module.num_overlays=0",
+        ],
+        cwd=tmp_path,
+    )
     (run,) = (tmp_path / "outputs" / "evaluate").iterdir()  # run folders under the current directory
     assert json.loads((run / "run.json").read_text())["status"] == "done"
     assert "bottle_syn" in (run / "metrics.csv").read_text() and (run / "evaluate.log").is_file()
@@ -79,8 +93,14 @@ def test_wheel_ships_conf_and_vlmad_evaluate_runs_outside_the_checkout(installed
 
 def _fake_run(job: Path, k_shot: int, seed: int, auroc: float) -> None:
     write_csv(job / "metrics.csv", {"bottle": {"image_auroc": auroc}, "mean": {"image_auroc": auroc}})
-    info = {"status": "done", "method": "WinCLIP", "eval_set": "MVTec", "k_shot": k_shot, "seed": seed,
-            "overrides": [f"method.k_shot={k_shot}", f"seed={seed}"]}  # fmt: skip
+    info = {
+        "status": "done",
+        "method": "WinCLIP",
+        "eval_set": "MVTec",
+        "k_shot": k_shot,
+        "seed": seed,
+        "overrides": [f"method.k_shot={k_shot}", f"seed={seed}"],
+    }
     write_run_json(job, info)
 
 
@@ -88,10 +108,14 @@ def test_report_reads_a_sweep_without_torch_in_natural_order(tmp_path):
     for num, (k, seed) in enumerate((k, s) for k in (0, 1, 2, 4, 10) for s in (0, 1)):
         _fake_run(tmp_path / f"{num}_method.k_shot={k},seed={seed}", k, seed, 0.5 + k / 100 + seed / 1000)
     (tmp_path / "11_method.k_shot=10,seed=2").mkdir()  # a job that died before writing anything but run.json
-    write_run_json(tmp_path / "11_method.k_shot=10,seed=2", {"status": "failed", "error": "ValueError: boom",
-                                                              "overrides": ["method.k_shot=10", "seed=2"]})  # fmt: skip
-    guard = "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['vlmad.report', sys.argv[1]]; " \
-            "runpy.run_module('vlmad.report', run_name='__main__')"  # fmt: skip
+    write_run_json(
+        tmp_path / "11_method.k_shot=10,seed=2",
+        {"status": "failed", "error": "ValueError: boom", "overrides": ["method.k_shot=10", "seed=2"]},
+    )
+    guard = (
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['vlmad.report', sys.argv[1]]; "
+        "runpy.run_module('vlmad.report', run_name='__main__')"
+    )
     out = _run([sys.executable, "-c", guard, tmp_path], cwd=tmp_path).stdout  # `import torch` would fail
     lines = [line.split() for line in out.splitlines() if line.startswith("WinCLIP")]
     assert [int(cells[2]) for cells in lines] == [0, 1, 2, 4, 10]  # k_shot as numbers, not "10" < "2"

@@ -59,9 +59,13 @@ def test_every_data_composes_and_instantiates(tmp_path, data):
 
 @pytest.mark.parametrize(
     ("data", "expected"),
-    [("visa", "vlmad.data.MVTec"), ("mvtec", "vlmad.data.VisA"), ("synthetic_visa", "vlmad.data.Synthetic"),
-     ("folder", None)],
-)  # fmt: skip
+    [
+        ("visa", "vlmad.data.MVTec"),
+        ("mvtec", "vlmad.data.VisA"),
+        ("synthetic_visa", "vlmad.data.Synthetic"),
+        ("folder", None),
+    ],
+)
 def test_train_tests_on_the_other_dataset_by_default(tmp_path, data, expected):
     cfg = compose("train", [f"data={data}"], tmp_path)
     if expected is None:  # own data: no default (never the split it was fitted on)

@@ -28,8 +28,12 @@ def _spec(name: str) -> dict:
 
 def _data(node: str, layout: str, root) -> list[str]:
     option = "synthetic" if layout == "mvtec" else "synthetic_visa"
-    return [f"{node}={option}", f"{node}.root={root}", f"{node}.categories=[{CATEGORY[layout]}]",
-            *(f"{node}.{k}={v}" for k, v in ONE_CATEGORY.items())]  # fmt: skip
+    return [
+        f"{node}={option}",
+        f"{node}.root={root}",
+        f"{node}.categories=[{CATEGORY[layout]}]",
+        *(f"{node}.{k}={v}" for k, v in ONE_CATEGORY.items()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +46,32 @@ def one_category_roots(tmp_path_factory) -> dict:
 
 
 def _overrides(task: str, roots: dict, tmp_path) -> list[str]:
-    base = ["backbone=tiny", "backbone.image_size=64", f"paths.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "datamodule.batch_size=8", "module.num_overlays=0"]  # fmt: skip
+    base = [
+        "backbone=tiny",
+        "backbone.image_size=64",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "datamodule.batch_size=8",
+        "module.num_overlays=0",
+    ]
     if task == "evaluate":
         return [*base, *_data("data", "mvtec", roots["mvtec"])]
-    return [*base, "++trainer.fast_dev_run=true", *_data("data", "visa", roots["visa"]),
-            *_data("test_data", "mvtec", roots["mvtec"])]  # fmt: skip
+    return [
+        *base,
+        "++trainer.fast_dev_run=true",
+        *_data("data", "visa", roots["visa"]),
+        *_data("test_data", "mvtec", roots["mvtec"]),
+    ]
 
 
 @pytest.fixture(scope="module")
 def aprilgan_ckpt(one_category_roots, tmp_path_factory):
     """Projections from one fast_dev_run step: what the k-shot experiments' ckpt_path points at."""
     out = tmp_path_factory.mktemp("aprilgan_fit")
-    cfg = compose("train", [*_overrides("train", one_category_roots, out), "method=aprilgan", "test_after_fit=false"],
-                  out / "run")  # fmt: skip
+    cfg = compose(
+        "train", [*_overrides("train", one_category_roots, out), "method=aprilgan", "test_after_fit=false"], out / "run"
+    )
     _, objects = train(cfg)
     return objects["module"].output_dir / "checkpoints" / "last.ckpt"
 
@@ -116,14 +132,22 @@ def test_report_shows_published_next_to_this_run(one_category_roots, tmp_path):
 
 @pytest.mark.parametrize(
     ("experiment", "overrides", "expected"),
-    [("winclip", [], "winclip_mvtec_k0"), ("winclip", ["data=visa", "method.k_shot=4"], "winclip_visa_k4"),
-     ("winclip", ["method.k_shot=2"], "winclip_mvtec_k2"), ("winclip", ["method.k_shot=3"], None),
-     ("winclip", ["data=synthetic"], None),
-     ("anomalyclip", [], "anomalyclip_visa_to_mvtec"), ("anomalyclip", ["data=mvtec"], "anomalyclip_mvtec_to_visa"),
-     ("aprilgan", [], "aprilgan_visa_to_mvtec"), ("aprilgan", ["data=mvtec"], "aprilgan_mvtec_to_visa"),
-     ("aprilgan_fewshot", [], "aprilgan_mvtec_k4"), ("aprilgan_fewshot", ["data=visa"], "aprilgan_visa_k4"),
-     ("musc", [], "musc_mvtec"), ("musc", ["data=visa"], "musc_visa")],
-)  # fmt: skip
+    [
+        ("winclip", [], "winclip_mvtec_k0"),
+        ("winclip", ["data=visa", "method.k_shot=4"], "winclip_visa_k4"),
+        ("winclip", ["method.k_shot=2"], "winclip_mvtec_k2"),
+        ("winclip", ["method.k_shot=3"], None),
+        ("winclip", ["data=synthetic"], None),
+        ("anomalyclip", [], "anomalyclip_visa_to_mvtec"),
+        ("anomalyclip", ["data=mvtec"], "anomalyclip_mvtec_to_visa"),
+        ("aprilgan", [], "aprilgan_visa_to_mvtec"),
+        ("aprilgan", ["data=mvtec"], "aprilgan_mvtec_to_visa"),
+        ("aprilgan_fewshot", [], "aprilgan_mvtec_k4"),
+        ("aprilgan_fewshot", ["data=visa"], "aprilgan_visa_k4"),
+        ("musc", [], "musc_mvtec"),
+        ("musc", ["data=visa"], "musc_visa"),
+    ],
+)
 def test_published_id_follows_data_and_k(tmp_path, experiment, overrides, expected):
     config = "train" if _spec(experiment)["task_name"] == "train" else "evaluate"
     cfg = compose(config, [f"experiment={experiment}", *overrides], tmp_path)
@@ -146,8 +170,12 @@ def test_published_numbers_are_consistent():
             assert pid in PUBLISHED, key
     assert {f"winclip_{d}_k{k}" for d in ("mvtec", "visa") for k in (0, 1, 2, 4)} <= set(PUBLISHED)
     # per-category tables reproduce the published means (WinCLIP exactly; AnomalyCLIP's logs within 0.3)
-    for pid, tol in [("winclip_mvtec_k0", 0.0006), ("winclip_visa_k0", 0.0006), ("anomalyclip_visa_to_mvtec", 0.003),
-                     ("anomalyclip_mvtec_to_visa", 0.003)]:  # fmt: skip
+    for pid, tol in [
+        ("winclip_mvtec_k0", 0.0006),
+        ("winclip_visa_k0", 0.0006),
+        ("anomalyclip_visa_to_mvtec", 0.003),
+        ("anomalyclip_mvtec_to_visa", 0.003),
+    ]:
         rows = lookup(pid)
         categories = [c for c in rows if c != "mean"]
         assert len(categories) == (15 if "mvtec" in pid.split("_to_")[-1] or pid.startswith("winclip_mvtec") else 12)
@@ -161,8 +189,10 @@ def test_published_numbers_are_consistent():
 
 
 def test_side_by_side_table_has_a_paper_row():
-    results = {"WinCLIP": {"a": {"image_auroc": 0.5}, "mean": {"image_auroc": 0.5}},
-               "AnomalyCLIP": {"a": {"image_auroc": 0.7}, "mean": {"image_auroc": 0.7}}}  # fmt: skip
+    results = {
+        "WinCLIP": {"a": {"image_auroc": 0.5}, "mean": {"image_auroc": 0.5}},
+        "AnomalyCLIP": {"a": {"image_auroc": 0.7}, "mean": {"image_auroc": 0.7}},
+    }
     table = compare.side_by_side(results, {"WinCLIP": "winclip_mvtec_k0", "AnomalyCLIP": "anomalyclip_visa_to_mvtec"})
     assert list(table) == ["a", "mean", "mean (paper)"]
     assert table["mean"] == {"image_auroc/WinCLIP": 0.5, "image_auroc/AnomalyCLIP": 0.7}

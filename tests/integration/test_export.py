@@ -31,11 +31,16 @@ TINY4 = "vlmad-tiny-d4"
 VARIANTS = {
     "winclip": ["method=winclip"],
     "winclip_k1": ["method=winclip", "method.k_shot=1", "method.smoothing_sigma=1.5"],
-    "anomalyclip": ["method=anomalyclip", "method.feature_layers=[1,3]", "method.dpam_start=1",
-                    "method.deep_prompt_depth=2", "method.deep_prompt_len=2"],
+    "anomalyclip": [
+        "method=anomalyclip",
+        "method.feature_layers=[1,3]",
+        "method.dpam_start=1",
+        "method.deep_prompt_depth=2",
+        "method.deep_prompt_len=2",
+    ],
     "aprilgan": ["method=aprilgan", "method.feature_layers=[1,3]"],
     "aprilgan_k2": ["method=aprilgan", "method.feature_layers=[1,3]", "method.k_shot=2", "method.image_fusion=fixed"],
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +70,11 @@ def export_variant(tmp_path_factory, tiny4, synthetic_roots):
         if variant not in cache:
             base = tmp_path_factory.mktemp(variant)
             calibration = [f"threshold.calibration.dir={good}"] if variant == "winclip_k1" else []
-            cfg = compose("export", [*_overrides(tiny4, good, variant), *calibration, "format=both",
-                                     f"output_dir={base / 'model'}"], base / "run")  # fmt: skip
+            cfg = compose(
+                "export",
+                [*_overrides(tiny4, good, variant), *calibration, "format=both", f"output_dir={base / 'model'}"],
+                base / "run",
+            )
             folder = export(cfg)
             method, preprocess = build_method(cfg)  # seeded: the same weights as the exported ones
             method.prepare("bottle", load_references(cfg, preprocess)[0] if method.k_shot else None)
@@ -203,8 +211,11 @@ def test_predict_backends_write_what_torch_writes(export_variant, tmp_path, tiny
     cfg = compose("predict", ["backend=openvino", f"model={folder}", f"input={test}"], tmp_path / "stored")
     with pytest.raises(PredictError, match="exported without thresholds"):
         predict(cfg)
-    cfg = compose("predict", ["backend=onnx", f"model={folder}", f"input={test}", f"threshold.calibration.dir={good}"],
-                  tmp_path / "calib")  # fmt: skip
+    cfg = compose(
+        "predict",
+        ["backend=onnx", f"model={folder}", f"input={test}", f"threshold.calibration.dir={good}"],
+        tmp_path / "calib",
+    )
     predict(cfg)
     saved = json.loads((tmp_path / "calib" / "threshold.json").read_text())
     assert saved["n_normal_images"] == 2 and saved["method"] == "AprilGAN"  # 4 normal images minus 2 references
@@ -229,8 +240,9 @@ def test_export_errors_are_clear(tmp_path, tiny4, synthetic_roots):
     cfg = compose("export", [*_overrides(tiny4, good, "winclip"), "method.k_shot=1"], tmp_path / "b")
     with pytest.raises(PredictError, match="references="):
         export(cfg)
-    cfg = compose("export", [*_overrides(tiny4, good, "aprilgan"), "method.k_shot=1", f"references={good}"],
-                  tmp_path / "c")  # fmt: skip
+    cfg = compose(
+        "export", [*_overrides(tiny4, good, "aprilgan"), "method.k_shot=1", f"references={good}"], tmp_path / "c"
+    )
     with pytest.raises(VlmadError, match="image_fusion=fixed"):  # the reference's k-shot score is transductive
         export(cfg)
     with pytest.raises(deploy.DeployError, match=r"vlmad_model\.json"):

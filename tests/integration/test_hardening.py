@@ -125,9 +125,13 @@ def _entry(script: str, *overrides: str, env: dict | None = None):
 
     root = Path(__file__).resolve().parents[2]
     return subprocess.run(
-        [sys.executable, str(root / script), *overrides], capture_output=True, text=True, timeout=300,
-        env={**os.environ, **(env or {})}, cwd=root,
-    )  # fmt: skip
+        [sys.executable, str(root / script), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        cwd=root,
+    )
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
@@ -139,8 +143,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vlmad: error:")]
     assert len(errors) == 1 and str(missing) in errors[0]
     assert "Traceback" not in proc.stderr and "ClipBackbone" not in proc.stderr
-    debug = _entry("evaluate.py", "backbone=tiny", "data=mvtec", f"data.root={missing}", out + "2",
-                   env={"VLMAD_DEBUG": "1"})  # fmt: skip
+    debug = _entry(
+        "evaluate.py", "backbone=tiny", "data=mvtec", f"data.root={missing}", out + "2", env={"VLMAD_DEBUG": "1"}
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 

@@ -29,13 +29,25 @@ def _pixel_auroc(objects: dict, cfg, reader) -> float:
 def _run(seed: int, tmp_path) -> dict[str, float]:
     cfg = compose(
         "train",
-        ["method=anomalyclip", "method.feature_layers=[5,11,17,23]", "backbone=tiny", "backbone.image_size=128",
-         "data=synthetic_visa", f"data.root={tmp_path / 'visa'}", "test_data=synthetic",
-         f"test_data.root={tmp_path / 'mvtec'}", "trainer.max_epochs=5", "trainer.accelerator=cpu",
-         "trainer.enable_progress_bar=false", "~callbacks", f"seed={seed}", "module.num_overlays=0",
-         "module.feature_cache=memory"],
+        [
+            "method=anomalyclip",
+            "method.feature_layers=[5,11,17,23]",
+            "backbone=tiny",
+            "backbone.image_size=128",
+            "data=synthetic_visa",
+            f"data.root={tmp_path / 'visa'}",
+            "test_data=synthetic",
+            f"test_data.root={tmp_path / 'mvtec'}",
+            "trainer.max_epochs=5",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "~callbacks",
+            f"seed={seed}",
+            "module.num_overlays=0",
+            "module.feature_cache=memory",
+        ],
         tmp_path / f"run{seed}",
-    )  # fmt: skip
+    )
     objects = build(cfg, fit=True)
     fit_set, held_out = instantiate(cfg.data), instantiate(cfg.test_data)
     before = {"fit": _pixel_auroc(objects, cfg, fit_set), "held": _pixel_auroc(objects, cfg, held_out)}
@@ -47,8 +59,10 @@ def _run(seed: int, tmp_path) -> dict[str, float]:
 def test_prompts_learn_defects_that_transfer(tmp_path):
     runs = [_run(seed, tmp_path) for seed in SEEDS]
     for seed, r in zip(SEEDS, runs, strict=True):
-        print(f"seed {seed}: training set {r['fit_before']:.3f}->{r['fit_after']:.3f}, "
-              f"held-out {r['held_before']:.3f}->{r['held_after']:.3f}")  # fmt: skip
+        print(
+            f"seed {seed}: training set {r['fit_before']:.3f}->{r['fit_after']:.3f}, "
+            f"held-out {r['held_before']:.3f}->{r['held_after']:.3f}"
+        )
         assert r["fit_after"] - r["fit_before"] > 0.03, f"seed {seed}: training-set pixel AUROC did not improve"
     held_gain = np.mean([r["held_after"] - r["held_before"] for r in runs])
     assert held_gain > 0.1, f"held-out pixel AUROC improved by only {held_gain:.3f} on the mean over seeds"

@@ -24,9 +24,19 @@ def evaluate_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, list]:
     tmp = tmp_path_factory.mktemp("logs")
     root = generate(tmp / "data", layout="mvtec", categories=["bottle_syn"], **SYNTHETIC)
     data = [f"data.{k}={v}" for k, v in SYNTHETIC.items()]
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "backbone=tiny", "backbone.image_size=64", "data=synthetic",
-           f"data.root={root}", "data.categories=[bottle_syn]", *data, "trainer.accelerator=cpu",
-           "datamodule.num_workers=0", "module.num_overlays=0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        "backbone=tiny",
+        "backbone.image_size=64",
+        "data=synthetic",
+        f"data.root={root}",
+        "data.categories=[bottle_syn]",
+        *data,
+        "trainer.accelerator=cpu",
+        "datamodule.num_workers=0",
+        "module.num_overlays=0",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     return proc, sorted((tmp / "outputs" / "evaluate").glob("*/evaluate.log"))
@@ -65,8 +75,11 @@ def test_optional_logger_configs_compose_and_fail_in_one_line_without_their_pack
     node = cfg.logger[kind]
     assert node.kind == kind and str(tmp_path) in str(node.get("save_dir") or node.get("tracking_uri"))
     find_spec = importlib.util.find_spec  # the packages are not installed here; make sure of it where they are
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith((kind, "tensorboardX"))
-                        else find_spec(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith((kind, "tensorboardX")) else find_spec(name, *a),
+    )
     with pytest.raises(Exception, match=f"logger={kind} needs the .* package: pip install 'vlmad\\[{kind}\\]'"):
         instantiate(node)
 

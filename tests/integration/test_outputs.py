@@ -93,13 +93,28 @@ def test_visa_panels_keep_aspect_and_save_all_without_calibration(synthetic_root
 
     calls = count_encodes(WinCLIP)
     cats = ",".join(SYNTHETIC_CATEGORIES["visa"])
-    data = [f"data.root={synthetic_roots['visa']}", f"data.categories=[{cats}]",
-            *(f"data.{k}={v}" for k, v in SYNTHETIC.items())]  # fmt: skip
-    cfg = compose("evaluate", [
-        "backbone=tiny", "backbone.image_size=64", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        "datamodule.batch_size=4", "datamodule.num_workers=0", "method=winclip", "data=synthetic_visa", *data,
-        "module.threshold.calibrate=false", "module.save_all_overlays=true",
-    ], tmp_path / "run")  # fmt: skip
+    data = [
+        f"data.root={synthetic_roots['visa']}",
+        f"data.categories=[{cats}]",
+        *(f"data.{k}={v}" for k, v in SYNTHETIC.items()),
+    ]
+    cfg = compose(
+        "evaluate",
+        [
+            "backbone=tiny",
+            "backbone.image_size=64",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "datamodule.batch_size=4",
+            "datamodule.num_workers=0",
+            "method=winclip",
+            "data=synthetic_visa",
+            *data,
+            "module.threshold.calibrate=false",
+            "module.save_all_overlays=true",
+        ],
+        tmp_path / "run",
+    )
     _, objects = evaluate(cfg)
     out, dm = Path(cfg.paths.output_dir), objects["datamodule"]
     rows = _predictions(out)
@@ -123,8 +138,9 @@ def test_visa_panels_keep_aspect_and_save_all_without_calibration(synthetic_root
 
 def test_transductive_method_has_no_per_image_decision(make_cfg):
     # APRIL-GAN's k-shot default fuses scores by a min-max over the category's test set (method.transductive)
-    cfg = make_cfg("evaluate", "method=aprilgan", "method.feature_layers=[1,3]", "method.k_shot=1",
-                   "data.categories=[bottle_syn]")  # fmt: skip
+    cfg = make_cfg(
+        "evaluate", "method=aprilgan", "method.feature_layers=[1,3]", "method.k_shot=1", "data.categories=[bottle_syn]"
+    )
     _, objects = evaluate(cfg)
     assert objects["method"].transductive
     out = objects["module"].output_dir

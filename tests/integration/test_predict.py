@@ -69,8 +69,9 @@ def test_folder_with_corrupt_and_unsupported_files(tmp_path, bottle):
     assert json.loads((out / "threshold.json").read_text())["source"] == "value"
 
     # use=pixel: an image is anomalous when its map's max exceeds the pixel threshold
-    rows, _ = _run(tmp_path, "pixel", f"input={folder}", "threshold.value=0.5", "threshold.pixel_value=0.3",
-                   "threshold.use=pixel")  # fmt: skip
+    rows, _ = _run(
+        tmp_path, "pixel", f"input={folder}", "threshold.value=0.5", "threshold.pixel_value=0.3", "threshold.use=pixel"
+    )
     assert {r["threshold"] for r in rows} == {0.3} and all(r["is_anomalous"] == (r["score"] > 0.3) for r in rows)
 
 
@@ -79,8 +80,14 @@ def test_calibration_quantile_checkpoint_sidecar_and_reuse(tmp_path, bottle, cap
     _make_ckpt(ckpt)
     normal = bottle / "train" / "good"
     q = 0.5
-    rows, out = _run(tmp_path, "calib", f"input={normal}", f"threshold.calibration.dir={normal}",
-                     f"threshold.calibration.quantile={q}", f"ckpt_path={ckpt}")  # fmt: skip
+    rows, out = _run(
+        tmp_path,
+        "calib",
+        f"input={normal}",
+        f"threshold.calibration.dir={normal}",
+        f"threshold.calibration.quantile={q}",
+        f"ckpt_path={ckpt}",
+    )
     saved = json.loads((out / "threshold.json").read_text())
     sidecar = tmp_path / "winclip.ckpt.threshold.json"
     assert json.loads(sidecar.read_text()) == saved
@@ -117,8 +124,14 @@ def test_missing_threshold_and_bad_inputs_are_clear_errors(tmp_path, bottle):
 
 def test_few_shot_with_references(tmp_path, bottle):
     normal = bottle / "train" / "good"
-    rows, out = _run(tmp_path, "k1", "method.k_shot=1", f"references={normal}", f"input={bottle / 'test' / 'good'}",
-                     f"threshold.calibration.dir={normal}")  # fmt: skip
+    rows, out = _run(
+        tmp_path,
+        "k1",
+        "method.k_shot=1",
+        f"references={normal}",
+        f"input={bottle / 'test' / 'good'}",
+        f"threshold.calibration.dir={normal}",
+    )
     refs = (out / "references.txt").read_text().split()
     assert refs == [str(sorted(normal.glob("*.png"))[0])]
     # the reference is left out of calibration (it would score ~0 against itself)

@@ -17,8 +17,14 @@ from vlmad.report import main as report_main
 
 ROOT = CONF_DIR.parent
 CATEGORY = {"mvtec": "bottle_syn", "visa": "candle_syn"}
-COMMON = ["backbone=tiny", "backbone.image_size=64", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-          "module.num_overlays=0", "datamodule.batch_size=4"]  # fmt: skip
+COMMON = [
+    "backbone=tiny",
+    "backbone.image_size=64",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "module.num_overlays=0",
+    "datamodule.batch_size=4",
+]
 
 
 def _data(node: str, layout: str) -> list[str]:
@@ -88,8 +94,11 @@ def test_report_per_category_and_sample_std(eval_sweep):
     assert [r["category"] for r in rows] == ["bottle_syn", "mean"] * 2
     by_k = next(r for r in rows if r["k_shot"] == 0 and r["category"] == "bottle_syn")
     jobs = [p.parent for p in sweep.rglob("metrics.csv")]
-    values = [read_csv(d / "metrics.csv")["bottle_syn"]["image_auroc"] for d in jobs
-              if json.loads((d / "run.json").read_text())["k_shot"] == 0]  # fmt: skip
+    values = [
+        read_csv(d / "metrics.csv")["bottle_syn"]["image_auroc"]
+        for d in jobs
+        if json.loads((d / "run.json").read_text())["k_shot"] == 0
+    ]
     assert by_k["image_auroc_std"] == pytest.approx(np.std(values, ddof=1))
 
 
@@ -97,8 +106,14 @@ def test_train_multirun_over_methods(roots, tmp_path):
     sweep = tmp_path / "sweep"
     fit = ["data=synthetic_visa", f"data.root={roots['visa']}", *_data("data", "visa")]
     target = ["test_data=synthetic", f"test_data.root={roots['mvtec']}", *_data("test_data", "mvtec")]
-    proc = _multirun("train.py", "method=anomalyclip,aprilgan", "++trainer.fast_dev_run=true", *fit, *target,
-                     f"hydra.sweep.dir={sweep}")  # fmt: skip
+    proc = _multirun(
+        "train.py",
+        "method=anomalyclip,aprilgan",
+        "++trainer.fast_dev_run=true",
+        *fit,
+        *target,
+        f"hydra.sweep.dir={sweep}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = report_main([str(sweep)])
     assert not result["failed"]
@@ -112,8 +127,9 @@ def test_local_launcher_runs_jobs_in_parallel_processes(roots, tmp_path, capsys)
     """hydra/launcher=local (submitit): 2 jobs as their own processes; both write outputs; the report aggregates."""
     sweep = tmp_path / "sweep"
     data = ["data=synthetic", f"data.root={roots['mvtec']}", *_data("data", "mvtec")]
-    proc = _multirun("evaluate.py", "hydra/launcher=local", "method=winclip", "seed=0,1", *data,
-                     f"hydra.sweep.dir={sweep}")  # fmt: skip
+    proc = _multirun(
+        "evaluate.py", "hydra/launcher=local", "method=winclip", "seed=0,1", *data, f"hydra.sweep.dir={sweep}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
     assert len(jobs) == 2

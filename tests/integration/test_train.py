@@ -38,8 +38,9 @@ def test_resume_reaches_the_uninterrupted_result(make_cfg):
     first = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=1", "test_after_fit=false")
     _, first_objects = train(first)
     last = first_objects["module"].output_dir / "checkpoints" / "last.ckpt"
-    resumed = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=2", "test_after_fit=false",
-                       f"ckpt_path={last}")  # fmt: skip
+    resumed = make_cfg(
+        "train", "method=anomalyclip", "trainer.max_epochs=2", "test_after_fit=false", f"ckpt_path={last}"
+    )
     _, resumed_objects = train(resumed)
     one_epoch = _learned(first_objects)
     for key, value in _learned(full_objects).items():

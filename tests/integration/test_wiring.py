@@ -10,8 +10,14 @@ from vlmad.config import compose
 from vlmad.errors import ConfigError
 from vlmad.run import build, evaluate, train
 
-TINY = ["backbone=tiny", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "datamodule.num_workers=0",
-        "module.num_overlays=0", "module.threshold.calibrate=false"]  # fmt: skip
+TINY = [
+    "backbone=tiny",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "datamodule.num_workers=0",
+    "module.num_overlays=0",
+    "module.threshold.calibrate=false",
+]
 
 
 def test_datamodule_and_predict_take_preprocessing_from_the_backbone(make_cfg, tmp_path):
@@ -28,8 +34,9 @@ def test_datamodule_and_predict_take_preprocessing_from_the_backbone(make_cfg, t
     batch = next(iter(objects["datamodule"].test_dataloader()[0]))
     assert batch["image"].shape[-2:] == (96, 96)
 
-    _, preprocess = build_method(compose("predict", ["backbone=tiny", "backbone.image_size=96", "input=x",
-                                                     "device=cpu"], tmp_path / "predict"))  # fmt: skip
+    _, preprocess = build_method(
+        compose("predict", ["backbone=tiny", "backbone.image_size=96", "input=x", "device=cpu"], tmp_path / "predict")
+    )
     assert preprocess.image_size == 96
     torch.testing.assert_close(preprocess.mean, transform.mean)
     torch.testing.assert_close(preprocess.std, transform.std)
@@ -46,8 +53,15 @@ def test_class_names_map_folders_to_object_names(synthetic_roots, tmp_path, monk
 
     def run(data: str, *extra: str) -> dict[str, float]:
         out = tmp_path / f"run{len(prepared)}"
-        overrides = [*TINY, "backbone.image_size=64", "method=winclip", f"data={data}",
-                     f"data.root={synthetic_roots['mvtec']}", "data.categories=[bottle_syn]", *extra]  # fmt: skip
+        overrides = [
+            *TINY,
+            "backbone.image_size=64",
+            "method=winclip",
+            f"data={data}",
+            f"data.root={synthetic_roots['mvtec']}",
+            "data.categories=[bottle_syn]",
+            *extra,
+        ]
         return evaluate(compose("evaluate", overrides, out))[0]["bottle_syn"]
 
     folder_name = run("mvtec")

@@ -160,8 +160,9 @@ def test_training_step(fx, backbone):
     losses["loss"].backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     opts = meta(fx, "adam")
-    optimiser = torch.optim.Adam(model.projections.parameters(), lr=opts["lr"], betas=tuple(opts["betas"]),
-                                 eps=opts["eps"])  # fmt: skip
+    optimiser = torch.optim.Adam(
+        model.projections.parameters(), lr=opts["lr"], betas=tuple(opts["betas"]), eps=opts["eps"]
+    )
     assert {k for k, p in model.named_parameters() if p.grad is not None} == set(model.learned_state())
     grads = {f"fc.{k}": p.grad.clone() for k, p in model.projections.named_parameters()}
     optimiser.step()

@@ -33,8 +33,9 @@ def test_layer_taps_are_0_based_block_outputs_as_in_open_clip(backbone):
     ref = backbone.model.visual.forward_intermediates(
         images, indices=layers, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
     )
-    for i, (patch, cls) in zip(layers, zip(ref["image_intermediates"], ref["image_intermediates_prefix"], strict=True),
-                               strict=True):  # fmt: skip
+    for i, (patch, cls) in zip(
+        layers, zip(ref["image_intermediates"], ref["image_intermediates_prefix"], strict=True), strict=True
+    ):
         torch.testing.assert_close(feats.intermediates[i], torch.cat([cls, patch], dim=1))
     # layer depth-1 (the last block) is the stream ln_post/proj are applied to
     torch.testing.assert_close(backbone.visual.ln_post(feats.intermediates[backbone.depth - 1]), feats.tokens)

@@ -199,8 +199,9 @@ def test_two_processes_fill_one_cold_cache_without_torn_or_mixed_entries(method,
     # fork: the children share the imported tiny model (spawn would re-import torch and open_clip, ~10 s each)
     context = multiprocessing.get_context("fork")
     start_together, report = context.Barrier(2), context.Queue()
-    workers = [context.Process(target=_writer, args=(method, images, str(tmp_path), start_together, report))
-               for _ in range(2)]  # fmt: skip
+    workers = [
+        context.Process(target=_writer, args=(method, images, str(tmp_path), start_together, report)) for _ in range(2)
+    ]
     for worker in workers:
         worker.start()
     results = [report.get(timeout=120) for _ in workers]

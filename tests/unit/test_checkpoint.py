@@ -62,8 +62,11 @@ def test_official_anomalyclip_file_is_converted(tmp_path, caplog):
                 p.normal_()
     state = source.learned_state()
     n_ctx, dim = state["ctx_pos"].shape
-    official = {"ctx_pos": state["ctx_pos"].view(1, 1, n_ctx, dim), "ctx_neg": state["ctx_neg"].view(1, 1, n_ctx, dim),
-                "token_prefix_pos": torch.zeros(1, 1, dim)}  # fmt: skip
+    official = {
+        "ctx_pos": state["ctx_pos"].view(1, 1, n_ctx, dim),
+        "ctx_neg": state["ctx_neg"].view(1, 1, n_ctx, dim),
+        "token_prefix_pos": torch.zeros(1, 1, dim),
+    }
     official |= {f"compound_prompts_text.{i}": d for i, d in enumerate(state["deep_prompts"])}
     path = tmp_path / "9_12_4_multiscale_visa" / "epoch_15.pth"
     path.parent.mkdir()

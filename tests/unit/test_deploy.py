@@ -23,8 +23,14 @@ def image_files(tmp_path):
     rgba = rgb.convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
     gray16 = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)  # mode I;16
-    images = {"rgb.png": rgb, "gray.png": rgb.convert("L"), "rgba.png": rgba, "palette.png": rgb.convert("P"),
-              "gray16.png": gray16, "photo.jpg": rgb}  # fmt: skip
+    images = {
+        "rgb.png": rgb,
+        "gray.png": rgb.convert("L"),
+        "rgba.png": rgba,
+        "palette.png": rgb.convert("P"),
+        "gray16.png": gray16,
+        "photo.jpg": rgb,
+    }
     for name, img in images.items():
         img.save(tmp_path / name)
     return [tmp_path / name for name in images]
@@ -42,8 +48,9 @@ def test_preprocessing_equals_the_datamodule(image_files):
     assert [modes[n] for n in ("gray.png", "rgba.png", "palette.png", "gray16.png")] == ["L", "RGBA", "P", "I;16"]
     # the datamodule also reads an in-memory PIL image of another mode the same way
     rgba = Image.open(image_files[2])
-    np.testing.assert_array_equal(deploy.preprocess(rgba, 48, MEAN, STD),
-                                  Preprocess(48, MEAN, STD)(rgba, None)[0].numpy())  # fmt: skip
+    np.testing.assert_array_equal(
+        deploy.preprocess(rgba, 48, MEAN, STD), Preprocess(48, MEAN, STD)(rgba, None)[0].numpy()
+    )
 
 
 class _Fake(deploy.DeployedModel):
@@ -71,8 +78,9 @@ def test_decisions_at_the_stored_thresholds():
 def test_clear_errors(tmp_path, image_files):
     with pytest.raises(deploy.DeployError, match=f"cannot read {tmp_path}"):
         deploy.load(tmp_path)
-    (tmp_path / deploy.MANIFEST).write_text(json.dumps({"preprocess": {}, "files": {"onnx": "model.onnx"},
-                                                        "inputs": [], "outputs": []}))  # fmt: skip
+    (tmp_path / deploy.MANIFEST).write_text(
+        json.dumps({"preprocess": {}, "files": {"onnx": "model.onnx"}, "inputs": [], "outputs": []})
+    )
     with pytest.raises(deploy.DeployError, match=r"has no openvino model.*format=openvino or format=both"):
         deploy.load(tmp_path, "openvino")
     with pytest.raises(deploy.DeployError, match="unknown backend 'tensorrt'"):

@@ -48,10 +48,18 @@ def data_root(tmp_path_factory):
 def _cfg(tmp_path, data_root, config_name: str, *overrides: str):
     nodes = ["data", "test_data"] if config_name == "train" else ["data"]  # train fits and tests on the same tree
     settings = {"root": data_root, "categories": f"[{','.join(CATEGORIES)}]", **DATA}
-    base = ["backbone=tiny", "backbone.image_size=64", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "datamodule.batch_size=20", "datamodule.num_workers=0", "module.num_overlays=0",
-            f"paths.data_dir={tmp_path / 'data'}", *(f"{node}=synthetic" for node in nodes),
-            *(f"{node}.{k}={v}" for node in nodes for k, v in settings.items())]  # fmt: skip
+    base = [
+        "backbone=tiny",
+        "backbone.image_size=64",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "datamodule.batch_size=20",
+        "datamodule.num_workers=0",
+        "module.num_overlays=0",
+        f"paths.data_dir={tmp_path / 'data'}",
+        *(f"{node}=synthetic" for node in nodes),
+        *(f"{node}.{k}={v}" for node in nodes for k, v in settings.items()),
+    ]
     return compose(config_name, [*base, *overrides], tmp_path / "run")
 
 
@@ -152,8 +160,14 @@ def test_fp32_decorator_casts_and_leaves_fp32_untouched():
 def test_lightning_bf16_mixed_evaluate_matches_32(tmp_path, data_root):
     results = {}
     for precision in ("32-true", "bf16-mixed"):
-        cfg = _cfg(tmp_path / precision, data_root, "evaluate", "method=aprilgan", "method.k_shot=1",
-                   f"trainer.precision={precision}")  # fmt: skip
+        cfg = _cfg(
+            tmp_path / precision,
+            data_root,
+            "evaluate",
+            "method=aprilgan",
+            "method.k_shot=1",
+            f"trainer.precision={precision}",
+        )
         results[precision], objects = evaluate(cfg)
         assert str(objects["trainer"].precision) == precision
     for metric in ("image_auroc", "pixel_auroc"):
@@ -162,8 +176,15 @@ def test_lightning_bf16_mixed_evaluate_matches_32(tmp_path, data_root):
 
 @pytest.mark.parametrize("method", ["anomalyclip", "aprilgan"])
 def test_bf16_mixed_training_step(tmp_path, data_root, method):
-    cfg = _cfg(tmp_path, data_root, "train", f"method={method}", "trainer.precision=bf16-mixed",
-               "+trainer.max_steps=1", "test_after_fit=false")  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        data_root,
+        "train",
+        f"method={method}",
+        "trainer.precision=bf16-mixed",
+        "+trainer.max_steps=1",
+        "test_after_fit=false",
+    )
     _, objects = train(cfg)
     trainer = objects["trainer"]
     assert trainer.global_step == 1

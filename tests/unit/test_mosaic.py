@@ -13,8 +13,15 @@ from vlmad.data.mosaic import EpochKeySampler, MosaicDataset
 @pytest.fixture
 def datamodule(synthetic_roots):
     def make(**kwargs) -> AnomalyDataModule:
-        reader = Synthetic(root=synthetic_roots["mvtec"], categories=["carpet_syn", "bottle_syn"], image_size=64,
-                           n_train=4, n_test_good=2, n_test_defect=2, seed=0)  # fmt: skip
+        reader = Synthetic(
+            root=synthetic_roots["mvtec"],
+            categories=["carpet_syn", "bottle_syn"],
+            image_size=64,
+            n_train=4,
+            n_test_good=2,
+            n_test_defect=2,
+            seed=0,
+        )
         # 2x2 tiles of 64 px at 128 px: no resize, every tile mask stays in its quadrant
         return AnomalyDataModule(reader, fit_set=reader, image_size=128, num_workers=0, seed=5, **kwargs)
 

@@ -124,9 +124,19 @@ def six_image_root(tmp_path_factory):
 
 
 def test_module_scores_each_category_once_with_the_protocol_label(six_image_root, tmp_path, capsys):
-    overrides = ["method=musc", "backbone=tiny", "backbone.image_size=64", "data=synthetic", *six_image_root,
-                 "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "datamodule.batch_size=4",
-                 "method.feature_layers=[1,3]", "method.r_list=[1,3]", "module.num_overlays=2"]  # fmt: skip
+    overrides = [
+        "method=musc",
+        "backbone=tiny",
+        "backbone.image_size=64",
+        "data=synthetic",
+        *six_image_root,
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "datamodule.batch_size=4",
+        "method.feature_layers=[1,3]",
+        "method.r_list=[1,3]",
+        "module.num_overlays=2",
+    ]
     results, objects = evaluate(compose("evaluate", overrides, tmp_path / "run"))
     out = tmp_path / "run"
     assert (out / "metrics.csv").read_text().splitlines()[1].startswith("bottle_syn,")
@@ -139,8 +149,13 @@ def test_module_scores_each_category_once_with_the_protocol_label(six_image_root
     with torch.no_grad():
         pred = method(torch.cat([b["image"] for b in batches]))
     metrics = AnomalyMetrics(legacy_aupro=True)
-    metrics.update(pred.pred_score, torch.cat([b["label"] for b in batches]), pred.anomaly_map,
-                   torch.cat([b["mask"] for b in batches]), torch.cat([b["has_mask"] for b in batches]))  # fmt: skip
+    metrics.update(
+        pred.pred_score,
+        torch.cat([b["label"] for b in batches]),
+        pred.anomaly_map,
+        torch.cat([b["mask"] for b in batches]),
+        torch.cat([b["has_mask"] for b in batches]),
+    )
     direct = metrics.compute()
     for name, value in results["bottle_syn"].items():
         assert value == pytest.approx(direct[name], nan_ok=True), name
@@ -193,8 +208,13 @@ def test_aprilgan_transductive_minmax_on_the_category_path(tiny_backbone, make_c
     text = 2 * build()(images[1:], ["bottle"] * 5).pred_score - map_max  # fixed fusion = ½(text + map max)
     expected = 0.5 * (text + (map_max - map_max.min()) / (map_max.max() - map_max.min()))
     torch.testing.assert_close(pred.pred_score, expected.to(pred.pred_score.dtype), rtol=1e-5, atol=1e-6)
-    cfg = make_cfg("evaluate", "method=aprilgan", "method.k_shot=1", "method.image_fusion=transductive_minmax",
-                   "method.feature_layers=[1,3]")  # fmt: skip
+    cfg = make_cfg(
+        "evaluate",
+        "method=aprilgan",
+        "method.k_shot=1",
+        "method.image_fusion=transductive_minmax",
+        "method.feature_layers=[1,3]",
+    )
     results, _ = evaluate(cfg)
     assert set(results) == {"carpet_syn", "bottle_syn", "mean"}
     assert not math.isnan(results["mean"]["image_auroc"])

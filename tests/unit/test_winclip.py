@@ -68,10 +68,12 @@ def test_window_embeddings_differ_and_match_per_window_loop(backbone, images):
         tokens = backbone.embed(images)
         seqs = getattr(method, f"window_sequence_{k}")
         with torch.no_grad():
-            loop = torch.stack([
-                torch.stack([backbone.project(backbone.blocks(tokens[b : b + 1, s])[0][0, 0]) for s in seqs])
-                for b in range(len(images))
-            ])  # fmt: skip
+            loop = torch.stack(
+                [
+                    torch.stack([backbone.project(backbone.blocks(tokens[b : b + 1, s])[0][0, 0]) for s in seqs])
+                    for b in range(len(images))
+                ]
+            )
         torch.testing.assert_close(emb, loop, rtol=1e-5, atol=1e-5)
         # chunking the window batch must not change anything
         method.window_chunk = 3
@@ -141,10 +143,12 @@ def test_harmonic_aggregate_matches_loop_and_zero_scores(backbone):
     method = make(backbone)
     scores = torch.rand(2, 9, generator=torch.Generator().manual_seed(0)) + 0.01
     indices = method.window_indices_2
-    loop = torch.stack([
-        torch.stack([(indices == p).any(1).sum() / (1 / scores[b, (indices == p).any(1)]).sum() for p in range(16)])
-        for b in range(2)
-    ]).view(2, 4, 4)  # fmt: skip
+    loop = torch.stack(
+        [
+            torch.stack([(indices == p).any(1).sum() / (1 / scores[b, (indices == p).any(1)]).sum() for p in range(16)])
+            for b in range(2)
+        ]
+    ).view(2, 4, 4)
     torch.testing.assert_close(method.harmonic_aggregate(scores, 2), loop)
     scores[0, 0] = 0.0  # top-left window covers patches 0, 1, 4, 5
     agg = method.harmonic_aggregate(scores, 2)
@@ -154,9 +158,17 @@ def test_harmonic_aggregate_matches_loop_and_zero_scores(backbone):
 
 @pytest.mark.parametrize(
     "option",
-    [{"temperature": 0.01}, {"harmonic_on": "normality"}, {"image_score": "map_max"}, {"smoothing_sigma": 2.0},
-     {"prompts": "winclip_22"}, {"normalize_prompts": True}, {"fusion": "harmonic"}, {"few_shot_levels": ["patch"]}],
-)  # fmt: skip
+    [
+        {"temperature": 0.01},
+        {"harmonic_on": "normality"},
+        {"image_score": "map_max"},
+        {"smoothing_sigma": 2.0},
+        {"prompts": "winclip_22"},
+        {"normalize_prompts": True},
+        {"fusion": "harmonic"},
+        {"few_shot_levels": ["patch"]},
+    ],
+)
 def test_options_change_outputs(backbone, images, refs, option):
     base = make(backbone, k_shot=1)
     other = make(backbone, k_shot=1, **option)
@@ -180,10 +192,19 @@ def test_smoothing_matches_scipy(backbone, images):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"image_score": "max"}, {"harmonic_on": "both"}, {"fusion": "sum"}, {"scales": (5,)}, {"scales": (2, 2)},
-     {"few_shot_levels": ("patch", 4)}, {"temperature": 0.0}, {"window_stride": 0}, {"window_stride": 2},
-     {"k_shot": -1}],
-)  # fmt: skip
+    [
+        {"image_score": "max"},
+        {"harmonic_on": "both"},
+        {"fusion": "sum"},
+        {"scales": (5,)},
+        {"scales": (2, 2)},
+        {"few_shot_levels": ("patch", 4)},
+        {"temperature": 0.0},
+        {"window_stride": 0},
+        {"window_stride": 2},
+        {"k_shot": -1},
+    ],
+)
 def test_invalid_options_raise(backbone, kwargs):
     with pytest.raises(ValueError, match="WinCLIP"):
         WinCLIP(backbone, **kwargs)

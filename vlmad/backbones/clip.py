@@ -304,8 +304,15 @@ class ClipBackbone(nn.Module):
         if getattr(self, "_signature", None) is None:
             source = self.weights_id()
             architecture = open_clip.get_model_config(self.model_name)  # a re-registered JSON may change it
-            parts = [self.model_name, architecture, self.force_quick_gelu, source, self.image_size,
-                     self.visual.positional_embedding.shape, self.pos_embed_interpolation]  # fmt: skip
+            parts = [
+                self.model_name,
+                architecture,
+                self.force_quick_gelu,
+                source,
+                self.image_size,
+                self.visual.positional_embedding.shape,
+                self.pos_embed_interpolation,
+            ]
             self._signature = hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
         return self._signature
 

@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> None:
             from vlmad.bench import pipeline as bench
 
             # the model's 518 px rate: reused from the anomalyclip section when it ran (batch 1, CPU), else measured
-            given = [(1 / r["anomalyclip_s"], f"AnomalyCLIP {r['backbone']} b1 518 px, {r['device']} (anomalyclip)")
-                     for r in done.get("anomalyclip", []) if r["image_size"] == 518]  # fmt: skip
+            given = [
+                (1 / r["anomalyclip_s"], f"AnomalyCLIP {r['backbone']} b1 518 px, {r['device']} (anomalyclip)")
+                for r in done.get("anomalyclip", [])
+                if r["image_size"] == 518
+            ]
             quick = {"image_size": 64, "n_images": 8, "source_size": 96, "model": "vlmad-tiny"}
             rows = bench.run(**quick) if args.quick else bench.run(model_rate_given=(given or [None])[0])
         elif section == "export":

@@ -39,11 +39,14 @@ def _build(name: str, backbone_name: str | None) -> AnomalyMethod:
     arch, size, interp, make = PAPER[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-weights warning is expected here
-        backbone = ClipBackbone(backbone_name or arch, None, image_size=64 if backbone_name else size,
-                                pos_embed_interpolation=interp)  # fmt: skip
+        backbone = ClipBackbone(
+            backbone_name or arch, None, image_size=64 if backbone_name else size, pos_embed_interpolation=interp
+        )
     if backbone_name:  # --quick: the tiny backbone, layers scaled to it
-        kwargs = {"anomalyclip": {"feature_layers": [backbone.depth - 1], "dpam_start": 1, "deep_prompt_depth": 2},
-                  "aprilgan": {"feature_layers": [1, 3]}}.get(name, {})  # fmt: skip
+        kwargs = {
+            "anomalyclip": {"feature_layers": [backbone.depth - 1], "dpam_start": 1, "deep_prompt_depth": 2},
+            "aprilgan": {"feature_layers": [1, 3]},
+        }.get(name, {})
         method = {"winclip": WinCLIP, "anomalyclip": AnomalyCLIP, "aprilgan": AprilGAN}[name](backbone, **kwargs)
     else:
         method = make(backbone)
@@ -94,8 +97,12 @@ def run(
             export_onnx(graph, folder / ONNX_FILE, size)
             export_openvino(folder / ONNX_FILE, folder / OPENVINO_FILE)
             export_s = time.perf_counter() - start
-            info = {"preprocess": {"image_size": size, "mean": [0.0] * 3, "std": [1.0] * 3},
-                    "files": {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE}, "inputs": [], "outputs": []}  # fmt: skip
+            info = {
+                "preprocess": {"image_size": size, "mean": [0.0] * 3, "std": [1.0] * 3},
+                "files": {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE},
+                "inputs": [],
+                "outputs": [],
+            }
             (folder / MANIFEST).write_text(json.dumps(info))
             onnx, openvino = (deploy.load(folder, b, threads=threads) for b in ("onnx", "openvino"))
             images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -106,10 +113,20 @@ def run(
 
             seconds = _fastest([torch_call, onnx.run, openvino.run], images.numpy(), warmup)
         torch_s, onnx_s, openvino_s = seconds
-        rows.append({"method": name, "backbone": method.backbone.model_name, "image_size": size, "threads": threads,
-                     "export_s": export_s, "torch_ips": 1 / torch_s, "onnx_ips": 1 / onnx_s,
-                     "openvino_ips": 1 / openvino_s, "onnx_ratio": torch_s / onnx_s,
-                     "openvino_ratio": torch_s / openvino_s})  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                "backbone": method.backbone.model_name,
+                "image_size": size,
+                "threads": threads,
+                "export_s": export_s,
+                "torch_ips": 1 / torch_s,
+                "onnx_ips": 1 / onnx_s,
+                "openvino_ips": 1 / openvino_s,
+                "onnx_ratio": torch_s / onnx_s,
+                "openvino_ratio": torch_s / openvino_s,
+            }
+        )
     return rows
 
 

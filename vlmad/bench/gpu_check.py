@@ -167,11 +167,23 @@ def end_to_end(device: torch.device, workdir: Path) -> dict:
     data = {"image_size": 64, "n_train": 2, "n_test_good": 4, "n_test_defect": 4, "seed": 0}
     root = generate(workdir / "data", categories=["carpet_syn", "bottle_syn"], **data)
     sets = [f"{node}.{k}={v}" for node in ("data", "test_data") for k, v in {"root": root, **data}.items()]
-    overrides = ["method=anomalyclip", "backbone=tiny", "backbone.image_size=64", "data=synthetic",
-                 "test_data=synthetic", *sets, "data.categories=[carpet_syn,bottle_syn]",
-                 "test_data.categories=[carpet_syn,bottle_syn]", f"trainer.accelerator={device.type}",
-                 "trainer.precision=bf16-mixed", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-                 "datamodule.batch_size=4", "datamodule.num_workers=0", "module.num_overlays=0"]  # fmt: skip
+    overrides = [
+        "method=anomalyclip",
+        "backbone=tiny",
+        "backbone.image_size=64",
+        "data=synthetic",
+        "test_data=synthetic",
+        *sets,
+        "data.categories=[carpet_syn,bottle_syn]",
+        "test_data.categories=[carpet_syn,bottle_syn]",
+        f"trainer.accelerator={device.type}",
+        "trainer.precision=bf16-mixed",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "datamodule.batch_size=4",
+        "datamodule.num_workers=0",
+        "module.num_overlays=0",
+    ]
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -234,8 +246,10 @@ def format_report(report: dict) -> str:
             f"(encode {m['encode_s']:.1f} s, score {m['score_s']:.1f} s, peak {m['peak_mb']:.0f} MB)"
         )
     e = report["end_to_end"]
-    lines.append(f"tiny train+evaluate (bf16-mixed) on {e['device']}: {e['steps']} steps, image AUROC "
-                 f"{e['image_auroc']:.3f}, pixel AUROC {e['pixel_auroc']:.3f}, {e['seconds']:.1f} s")  # fmt: skip
+    lines.append(
+        f"tiny train+evaluate (bf16-mixed) on {e['device']}: {e['steps']} steps, image AUROC "
+        f"{e['image_auroc']:.3f}, pixel AUROC {e['pixel_auroc']:.3f}, {e['seconds']:.1f} s"
+    )
     lines.append(f"total {report['seconds']:.0f} s")
     return "\n".join(lines)
 

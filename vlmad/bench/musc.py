@@ -94,16 +94,30 @@ def run(
     flops = distance_flops(n_images, length, width, chunk) * len(model.r_list) * len(model.feature_layers)
     score_s = scored - encoded
     floor = matmul_rate(min(chunk, n_images) * length, width, dev, PRECISIONS[distance_dtype])
-    return [{"n": n_images, "size": image_size, "device": device, "precision": f"{precision}/{distance_dtype}",
-             "chunk": chunk, "encode_s": encoded - start, "score_s": score_s, "total_s": scored - start,
-             "peak_mb": _peak_mb(dev), "score_tflops": flops / score_s / 1e12, "matmul_tflops": floor / 1e12,
-             "rate_ratio": flops / score_s / floor}]  # fmt: skip
+    return [
+        {
+            "n": n_images,
+            "size": image_size,
+            "device": device,
+            "precision": f"{precision}/{distance_dtype}",
+            "chunk": chunk,
+            "encode_s": encoded - start,
+            "score_s": score_s,
+            "total_s": scored - start,
+            "peak_mb": _peak_mb(dev),
+            "score_tflops": flops / score_s / 1e12,
+            "matmul_tflops": floor / 1e12,
+            "rate_ratio": flops / score_s / floor,
+        }
+    ]
 
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table of :func:`run` rows."""
-    head = (f"{'n':>4}{'size':>6}{'device':>7}{'precision':>11}{'chunk':>6}{'encode_s':>10}{'score_s':>9}"
-            f"{'total_s':>9}{'peak_MB':>9}{'score_TF/s':>11}{'matmul_TF/s':>12}{'ratio':>7}")  # fmt: skip
+    head = (
+        f"{'n':>4}{'size':>6}{'device':>7}{'precision':>11}{'chunk':>6}{'encode_s':>10}{'score_s':>9}"
+        f"{'total_s':>9}{'peak_MB':>9}{'score_TF/s':>11}{'matmul_TF/s':>12}{'ratio':>7}"
+    )
     lines = [head]
     for r in rows:
         lines.append(

@@ -37,8 +37,13 @@ def model_rate(image_size: int, model: str, device: torch.device) -> tuple[float
         backbone = ClipBackbone(model, None, image_size=image_size, pos_embed_interpolation="bilinear")
     depth = backbone.depth  # paper setting for ViT-L: last block, DPAM from block 5 of 24, scaled to other depths
     text_depth = len(backbone.model.transformer.resblocks)
-    method = AnomalyCLIP(backbone, feature_layers=[depth - 1], dpam_start=round(5 * depth / 24),
-                         deep_prompt_depth=min(9, text_depth)).eval().to(device)  # fmt: skip
+    method = (
+        AnomalyCLIP(
+            backbone, feature_layers=[depth - 1], dpam_start=round(5 * depth / 24), deep_prompt_depth=min(9, text_depth)
+        )
+        .eval()
+        .to(device)
+    )
     cuda = device.type == "cuda"
     batch, dtype = (32, torch.bfloat16) if cuda else (1, torch.float32)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
@@ -75,12 +80,23 @@ def run(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         half = n_images // 2  # anomalous images bring a mask to decode and resize too
-        reader = Synthetic(Path(tmp), categories=["carpet_syn"], image_size=source_size, n_train=1,
-                           n_test_good=n_images - half, n_test_defect=half)  # fmt: skip
+        reader = Synthetic(
+            Path(tmp),
+            categories=["carpet_syn"],
+            image_size=source_size,
+            n_train=1,
+            n_test_good=n_images - half,
+            n_test_defect=half,
+        )
         for workers in sorted({0, max(2, default_num_workers())}):
             rate = loader_rate(reader, image_size, workers, batch_size)
-            rows.append({"stage": "input pipeline", "setting": f"{source_size} px PNG -> {image_size} px, "
-                         f"{workers} workers", "images_per_s": rate})  # fmt: skip
+            rows.append(
+                {
+                    "stage": "input pipeline",
+                    "setting": f"{source_size} px PNG -> {image_size} px, {workers} workers",
+                    "images_per_s": rate,
+                }
+            )
     rate, setting = model_rate_given or model_rate(image_size, model, device)
     rows.append({"stage": "model", "setting": setting, "images_per_s": rate})
     best_loader = max(r["images_per_s"] for r in rows[:-1])

@@ -18,12 +18,24 @@ def _job(root: Path, out: Path, k: int, draw: int, backbone: str, image_size: in
     from vlmad.run import evaluate
 
     overrides = [
-        "method=winclip", f"method.k_shot={k}", f"backbone={backbone}", "backbone.pretrained=null",
-        f"backbone.image_size={image_size}", "data=synthetic", f"data.root={root}", "data.categories=[bottle_syn]",
-        f"data.image_size={image_size}", "data.n_train=8", "data.n_test_good=1", "data.n_test_defect=1", "seed=0",
-        f"module.reference_seed={draw}", "module.num_overlays=0", "trainer.accelerator=cpu",
+        "method=winclip",
+        f"method.k_shot={k}",
+        f"backbone={backbone}",
+        "backbone.pretrained=null",
+        f"backbone.image_size={image_size}",
+        "data=synthetic",
+        f"data.root={root}",
+        "data.categories=[bottle_syn]",
+        f"data.image_size={image_size}",
+        "data.n_train=8",
+        "data.n_test_good=1",
+        "data.n_test_defect=1",
+        "seed=0",
+        f"module.reference_seed={draw}",
+        "module.num_overlays=0",
+        "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+    ]
     if cache is not None:
         overrides.append(f"module.feature_cache={cache}")
     results, _ = evaluate(compose("evaluate", overrides, out / f"k{k}_draw{draw}_{cache is not None}"))
@@ -46,8 +58,9 @@ def run(ks=(1, 2, 4), draws: int = 3, backbone: str = "vit_b16_plus_240", image_
             seconds = time.perf_counter() - start
             baseline = baseline or means
             identical = all(abs(a[m] - b[m]) <= 1e-6 for a, b in zip(means, baseline, strict=True) for m in a)
-            rows.append({"mode": mode, "jobs": len(means), "seconds": seconds, "identical": identical,
-                         "backbone": backbone})  # fmt: skip
+            rows.append(
+                {"mode": mode, "jobs": len(means), "seconds": seconds, "identical": identical, "backbone": backbone}
+            )
     logging.disable(logging.NOTSET)
     return rows
 

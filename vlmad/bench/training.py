@@ -21,9 +21,13 @@ class _EpochTimer(L.Callback):
 
 
 def run(
-    method: str = "anomalyclip", backbone: str = "vit_l14_336", image_size: int = 336, n_images: int = 4,
-    epochs: int = 3, extra: tuple[str, ...] = (),
-) -> list[dict]:  # fmt: skip
+    method: str = "anomalyclip",
+    backbone: str = "vit_l14_336",
+    image_size: int = 336,
+    n_images: int = 4,
+    epochs: int = 3,
+    extra: tuple[str, ...] = (),
+) -> list[dict]:
     """Fit ``method`` for ``epochs`` on a generated VisA-format set, uncached then with the memory cache.
 
     Returns:
@@ -37,13 +41,23 @@ def run(
         tmp = Path(tmp)
         for cached in (False, True):
             overrides = [
-                f"method={method}", f"backbone={backbone}", "backbone.pretrained=null",
-                f"backbone.image_size={image_size}", "data=synthetic_visa", f"data.root={tmp / 'visa'}",
-                "data.categories=[candle_syn]", f"data.n_test_good={n_images // 2}",
-                f"data.n_test_defect={n_images - n_images // 2}", "test_data=synthetic_visa",
-                f"test_data.root={tmp / 'visa'}", f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false", "~callbacks", *extra,
-            ]  # fmt: skip
+                f"method={method}",
+                f"backbone={backbone}",
+                "backbone.pretrained=null",
+                f"backbone.image_size={image_size}",
+                "data=synthetic_visa",
+                f"data.root={tmp / 'visa'}",
+                "data.categories=[candle_syn]",
+                f"data.n_test_good={n_images // 2}",
+                f"data.n_test_defect={n_images - n_images // 2}",
+                "test_data=synthetic_visa",
+                f"test_data.root={tmp / 'visa'}",
+                f"trainer.max_epochs={epochs}",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "~callbacks",
+                *extra,
+            ]
             if cached:
                 overrides.append("module.feature_cache=memory")
             cfg = compose_run("train", overrides, tmp / f"run_{cached}")
@@ -53,9 +67,18 @@ def run(
             objects["trainer"].fit(objects["module"], datamodule=objects["datamodule"])
             loss = float(objects["trainer"].callback_metrics["train/loss_epoch"])
             cache = objects["module"].feature_cache
-            rows.append({"method": method, "backbone": cfg.backbone.model_name, "image_size": image_size,
-                         "images": n_images, "cache": cached, "epoch_seconds": timer.seconds, "final_loss": loss,
-                         "cache_report": cache.report() if cache is not None else ""})  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "backbone": cfg.backbone.model_name,
+                    "image_size": image_size,
+                    "images": n_images,
+                    "cache": cached,
+                    "epoch_seconds": timer.seconds,
+                    "final_loss": loss,
+                    "cache_report": cache.report() if cache is not None else "",
+                }
+            )
     return rows
 
 

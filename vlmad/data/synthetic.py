@@ -240,8 +240,16 @@ def generate(
     if layout not in ("mvtec", "visa"):
         raise ValueError(f"unknown synthetic layout {layout!r} (expected 'mvtec' or 'visa')")
     categories = list(categories or (MVTEC_CATEGORIES if layout == "mvtec" else VISA_CATEGORIES))
-    args = dict(layout=layout, categories=categories, image_size=image_size, n_train=n_train,
-                n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed, version=1)  # fmt: skip
+    args = dict(
+        layout=layout,
+        categories=categories,
+        image_size=image_size,
+        n_train=n_train,
+        n_test_good=n_test_good,
+        n_test_defect=n_test_defect,
+        seed=seed,
+        version=1,
+    )
     root = Path(root)
     marker = root / MARKER
     old = json.loads(marker.read_text()) if marker.is_file() else None

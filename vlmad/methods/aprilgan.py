@@ -79,9 +79,11 @@ class AprilGAN(AnomalyMethod):
         self.feature_layers = [int(i) for i in feature_layers]
         fs_layers = self.feature_layers if few_shot_layers is None else few_shot_layers
         self.few_shot_layers = [int(i) for i in fs_layers]
-        for name, value, allowed in [("stage_reduce", stage_reduce, STAGE_REDUCE),
-                                     ("image_score", image_score, IMAGE_SCORES),
-                                     ("image_fusion", image_fusion, IMAGE_FUSIONS)]:  # fmt: skip
+        for name, value, allowed in [
+            ("stage_reduce", stage_reduce, STAGE_REDUCE),
+            ("image_score", image_score, IMAGE_SCORES),
+            ("image_fusion", image_fusion, IMAGE_FUSIONS),
+        ]:
             if value not in allowed:
                 raise ValueError(f"AprilGAN: unknown {name}={value!r}; expected one of {allowed}")
         if not self.feature_layers or not self.few_shot_layers:

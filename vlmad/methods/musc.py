@@ -243,8 +243,10 @@ class MuSc(AnomalyMethod):
     def patch_scores(self, taps: Tensor) -> Tensor:
         """(N, T, L, C) raw tokens -> (N, L) float64: mean over taps, then over r, of the mutual scores."""
         self.check_set_size(taps.shape[0])
-        per_r = [torch.stack([self.mutual_scores(lnamd(taps[:, t], r)) for t in range(taps.shape[1])]).mean(0)
-                 for r in self.r_list]  # fmt: skip
+        per_r = [
+            torch.stack([self.mutual_scores(lnamd(taps[:, t], r)) for t in range(taps.shape[1])]).mean(0)
+            for r in self.r_list
+        ]
         return torch.stack(per_r).mean(0)
 
     def pixel_maps(self, scores: Tensor) -> Tensor:

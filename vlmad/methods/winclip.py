@@ -316,8 +316,9 @@ class WinCLIP(AnomalyMethod):
             if name not in self.memory:
                 raise ValueError(f"WinCLIP: k_shot={self.k_shot} but prepare({name!r}, references) was not called")
             sel = torch.tensor([i for i, n in enumerate(class_names) if n == name], device=out.device)
-            maps = self.few_shot_level_maps(patch_tokens[sel], {k: e[sel] for k, e in window_emb.items()},
-                                            self.memory[name])  # fmt: skip
+            maps = self.few_shot_level_maps(
+                patch_tokens[sel], {k: e[sel] for k, e in window_emb.items()}, self.memory[name]
+            )
             out[sel] = torch.stack(list(maps.values())).mean(dim=0)
         return out
 

@@ -98,8 +98,13 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def render_table(header: list[str], rows: list[list[str]], markdown: bool = False, n_left: int = 1,
-                 rules_before: tuple[int, ...] = ()) -> str:  # fmt: skip
+def render_table(
+    header: list[str],
+    rows: list[list[str]],
+    markdown: bool = False,
+    n_left: int = 1,
+    rules_before: tuple[int, ...] = (),
+) -> str:
     """The one table renderer: fixed-width text or GitHub markdown from cells already formatted.
 
     Args:
