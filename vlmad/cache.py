@@ -79,6 +79,33 @@ def load_entry(path: Path, key: str, what: str = "cache entry") -> object | None
     return None
 
 
+def image_key(signature: str, image: Tensor) -> str:
+    """Cache key of one preprocessed (3, S, S) image under a method signature (content and shape)."""
+    pixels = image.detach().float().cpu().contiguous()
+    digest = hashlib.sha1(repr(tuple(pixels.shape)).encode())  # same bytes, other shape: other key
+    digest.update(pixels.numpy().tobytes())
+    return f"{signature}/{digest.hexdigest()}"
+
+
+class WorkerReader:
+    """Reads disk-cache entries inside DataLoader workers (picklable: a folder and a signature).
+
+    The datamodule calls it on each preprocessed image; the entry travels with the batch and
+    :meth:`FeatureCache.prime` hands it to the main process's fetch, which only uses it under the key it computes
+    itself, so a stale or foreign entry can never be served.
+    """
+
+    def __init__(self, directory: Path, signature: str) -> None:
+        self.directory, self.signature = Path(directory), signature
+
+    def __call__(self, image: Tensor) -> tuple[str, dict[str, Tensor] | None]:
+        """(key, entry or None) of a (3, S, S) image."""
+        key = image_key(self.signature, image)
+        entry = load_entry(self.directory / f"{key}.pt", key, "feature cache entry")
+        valid = isinstance(entry, dict) and all(isinstance(v, Tensor) for v in entry.values())
+        return key, entry if valid else None
+
+
 class FeatureCache:
     """Per-sample store of ``method.encode_images`` outputs.
 
@@ -98,6 +125,8 @@ class FeatureCache:
         self._memory: dict[str, dict[str, Tensor]] = {}
         self._signatures: dict[tuple[int, str], str] = {}
         self.hits = self.misses = self.bytes = 0
+        self._primed: dict[str, dict[str, Tensor]] = {}  # entries read in DataLoader workers, for the next fetch
+        self.worker_reads = 0  # entries that came from a worker instead of a read in this process
 
     @classmethod
     def from_setting(cls, setting: FeatureCache | str | None) -> FeatureCache | None:
@@ -107,12 +136,23 @@ class FeatureCache:
         return cls("memory") if setting == "memory" else cls("disk", setting)
 
     def _key(self, signature: str, image: Tensor) -> str:
-        pixels = image.detach().float().cpu().contiguous()
-        digest = hashlib.sha1(repr(tuple(pixels.shape)).encode())  # same bytes, other shape: other key
-        digest.update(pixels.numpy().tobytes())
-        return f"{signature}/{digest.hexdigest()}"
+        return image_key(signature, image)
+
+    def worker_reader(self, method: torch.nn.Module) -> WorkerReader | None:
+        """A reader for DataLoader workers (disk caches, fp32 keys); None for a memory cache."""
+        if self.storage != "disk":
+            return None
+        return WorkerReader(self.directory, method_signature(method))
+
+    def prime(self, keys: list[str], entries: list[dict[str, Tensor] | None]) -> None:
+        """Entries read by :class:`WorkerReader` for the next :meth:`fetch` (used only under matching keys)."""
+        # replaces the previous batch's: at most one batch of entries is held
+        self._primed = {k: e for k, e in zip(keys, entries, strict=True) if e is not None}
 
     def _load(self, key: str) -> dict[str, Tensor] | None:
+        if key in self._primed:
+            self.worker_reads += 1
+            return self._primed.pop(key)
         if self.storage == "memory":
             return self._memory.get(key)
         entry = load_entry(self.directory / f"{key}.pt", key, "feature cache entry")

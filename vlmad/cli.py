@@ -29,6 +29,7 @@ commands:
   predict    score new images: overlays, masks, predictions.csv  (= python -m vlmad.predict ...)
   export     export a prepared method to ONNX / OpenVINO         (= python -m vlmad.export ...)
   report     one table for a sweep or comparison folder          (= python -m vlmad.report DIR ...)
+  compare    the methods side by side (experiment=comparison)    (= python -m vlmad.compare ...)
 
 `vlmad COMMAND --help` lists a command's config groups and options.
 """
@@ -81,10 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         return
     command, rest = argv[0], argv[1:]
-    if command == "report":
-        from vlmad import report
-
-        report.main(rest)
+    if command in ("report", "compare"):  # plain argument parsers, not Hydra apps
+        importlib.import_module(f"vlmad.{command}").main(rest)
         return
     sys.argv = [f"vlmad {command}", *rest]  # Hydra reads its overrides from sys.argv
     if command == "train":

@@ -93,6 +93,7 @@ class AnomalyModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         """One step of ``method.loss`` (on cached image features when a cache is attached)."""
+        self._prime_cache(batch)
         losses = self.method.loss(batch)
         bs = batch["image"].shape[0]
         for name, value in losses.items():
@@ -146,6 +147,7 @@ class AnomalyModule(L.LightningModule):
             raise ValueError(f"a test batch holds one category, got {sorted(set(batch['category']))}")
         if category != self._category:
             self._open_category(category, batch["class_name"][0])
+        self._prime_cache(batch)
         if self.method.transductive:
             self._accumulate(batch)
             return
@@ -153,6 +155,11 @@ class AnomalyModule(L.LightningModule):
         anomaly_map, mask = self._eval_resolution(pred.anomaly_map, batch["mask"])
         self.metrics.update(pred.pred_score, batch["label"], anomaly_map, mask, batch["has_mask"])
         self._outputs.add(batch, pred.pred_score, pred.anomaly_map)
+
+    def _prime_cache(self, batch: dict) -> None:
+        """Hand the disk-cache entries the loader workers read (``cached_features``) to the feature cache."""
+        if self.feature_cache is not None and "cache_keys" in batch:
+            self.feature_cache.prime(batch["cache_keys"], batch["cached_features"])
 
     # ------------------------------------------------------------------ transductive (category-level) scoring
     def _accumulate(self, batch: dict) -> None:

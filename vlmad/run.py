@@ -72,6 +72,9 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
     module = instantiate(cfg.module, method=method)
     sets = {"test_set": test_set, **({"fit_set": fit_set} if fit else {})}
     datamodule = instantiate(cfg.datamodule, **sets, **backbone.preprocess_config())  # size, mean, std: one source
+    if module.feature_cache is not None and str(cfg.trainer.get("precision", "32")) in ("32", "32-true"):
+        # fp32 keys: a mixed-precision run reads its own entries in the main process instead
+        datamodule.feature_reader = module.feature_cache.worker_reader(method)
     loggers = _loggers(cfg)
     trainer = instantiate(
         cfg.trainer,

@@ -126,9 +126,16 @@ def test_report_reads_a_sweep_without_torch_in_natural_order(tmp_path):
     assert "ValueError: boom" in out and "Failed or incomplete (1)" in out
 
 
-def test_cli_help_and_unknown_command(capsys):
+def test_cli_help_and_unknown_command(capsys, monkeypatch):
     cli_main(["--help"])
-    assert "train" in capsys.readouterr().out
+    usage = capsys.readouterr().out
+    assert all(c in usage for c in ("train", "report", "compare"))
+    import vlmad.compare
+
+    seen = []
+    monkeypatch.setattr(vlmad.compare, "main", seen.append)
+    cli_main(["compare", "experiment=demo", "data.root=x"])
+    assert seen == [["experiment=demo", "data.root=x"]]  # the overrides reach python -m vlmad.compare's main
     with pytest.raises(SystemExit, match="unknown command 'fit'"):
         cli_main(["fit"])
 

@@ -52,3 +52,18 @@ def test_unwritable_cache_directory_warns_once_and_reports_the_same_numbers(make
     for category, row in plain.items():
         for name, value in row.items():
             assert cached[category][name] == pytest.approx(value, abs=1e-6), (category, name)
+
+
+def test_cached_features_are_read_in_loader_workers(make_cfg, count_encodes, tmp_path):
+    """A warm disk cache with 1 loader worker: every test image's features come from the worker, none is encoded."""
+    args = ["method=winclip", "seed=0", "module.threshold.calibrate=false", f"module.feature_cache={tmp_path / 'c'}"]
+    cold, _ = evaluate(make_cfg("evaluate", *args))
+    encoded = count_encodes(WinCLIP)
+    warm, objects = evaluate(make_cfg("evaluate", *args, "datamodule.num_workers=1"))
+    cache, dm = objects["module"].feature_cache, objects["datamodule"]
+    n_test = sum(len(dm.test_dataset(c)) for c in dm.test_categories)
+    assert sum(encoded) == 0 and cache.hits == n_test
+    assert cache.worker_reads == n_test  # read by the worker process, handed over with the batch
+    for category, row in cold.items():
+        for name, value in row.items():
+            assert warm[category][name] == pytest.approx(value, abs=1e-6), (category, name)

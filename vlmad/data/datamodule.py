@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Sampler, default_collate
 
 from vlmad.data.dataset import AnomalyDataset
 from vlmad.data.mosaic import EpochKeySampler, MosaicDataset
@@ -71,6 +72,23 @@ def split_categories(sizes: dict[str, int], world_size: int) -> list[list[str]]:
     return [sorted(part, key=order.index) for part in parts]
 
 
+class CachedFeaturesCollate:
+    """``default_collate`` plus the batch's feature-cache entries, read in the DataLoader worker.
+
+    Adds ``cache_keys`` (B,) and ``cached_features`` (B,) (an entry dict or None per image); the module primes the
+    feature cache with them (``FeatureCache.prime``), which uses an entry only under the key it computes itself.
+    """
+
+    def __init__(self, reader: Callable[[Tensor], tuple[str, dict[str, Tensor] | None]]) -> None:
+        self.reader = reader
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(samples)
+        keys, entries = zip(*(self.reader(s["image"]) for s in samples), strict=True)
+        batch["cache_keys"], batch["cached_features"] = list(keys), list(entries)
+        return batch
+
+
 class AnomalyDataModule(L.LightningDataModule):
     """Data for one run: ``test_set`` is evaluated per category, ``fit_set`` (optional) is fitted on.
 
@@ -120,6 +138,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.mosaic_prob = float(mosaic_prob)
+        self.feature_reader = None  # a vlmad.cache.WorkerReader: disk-cache entries read in the loader workers
         self.references_with_replacement = bool(references_with_replacement)
         self.fit_split = fit_split
         self.shuffle = shuffle
@@ -156,6 +175,7 @@ class AnomalyDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
+            collate_fn=None if self.feature_reader is None else CachedFeaturesCollate(self.feature_reader),
             num_workers=self.num_workers,
             # the fit loader is iterated every epoch; a test loader once (one per category: no idle worker pools)
             persistent_workers=fit and self.num_workers > 0,
