@@ -14,12 +14,12 @@ import csv
 import json
 import logging
 import os
+import random
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -124,7 +124,10 @@ def resolve_device(name: str) -> torch.device:
 
 def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
     """Backbone -> method as ``vlmad.run.build`` does, plus checkpoint weights and the matching preprocessing."""
-    L.seed_everything(cfg.seed, workers=True)
+    # the seeds Lightning's seed_everything sets in run.build (a random backbone is the same), without Lightning
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     backbone = instantiate(cfg.backbone)
     method = instantiate(cfg.method, backbone=backbone)
     if method.transductive:
