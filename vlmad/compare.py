@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     from vlmad.errors import exit_on_user_error
+    from vlmad.logs import quiet
 
+    quiet()
     exit_on_user_error(lambda: run(compose_comparison(sys.argv[1:] if argv is None else argv)))()
 
 

@@ -20,13 +20,16 @@ from vlmad.config import compose
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Run the demo; returns {member label: per-category metrics}."""
     from vlmad.compare import run
+    from vlmad.config import fresh_dir
+    from vlmad.logs import quiet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="where the synthetic trees are generated")
     parser.add_argument("--out", default=None, help="output folder (default: a fresh outputs/demo/<time>)")
     parser.add_argument("--epochs", type=int, default=5, help="AnomalyCLIP epochs on the auxiliary set")
     args = parser.parse_args(argv)
-    out = Path(args.out or f"outputs/demo/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    quiet()
+    out = Path(args.out or fresh_dir(f"outputs/demo/{datetime.now():%Y-%m-%d_%H-%M-%S}"))
     start = time.perf_counter()
     overrides = ["experiment=demo", f"paths.data_dir={Path(args.data_dir).resolve()}"]
     _, objects = run(compose("train", [*overrides, f"trainer.max_epochs={args.epochs}"], out))

@@ -9,10 +9,15 @@ import os
 import warnings
 
 # Lightning's "GPU available: ...", "💡 Tip: ..." and similar lines come through these loggers at INFO.
-QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",  # "Seed set to 0" on every build
+)
 # Deprecations inside our dependencies that a user can do nothing about (message regexes).
 KNOWN_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # lightning/pytorch/utilities/_pytree.py with torch >= 2.9
+    r"Found \d+ module\(s\) in eval mode",  # the frozen CLIP is in eval mode by design while prompts train
 )
 _OPEN_CLIP = f"{os.sep}open_clip{os.sep}"
 # open_clip's own notice that a model is random: vlmad's RANDOM-weights warning already says it, naming the setting
