@@ -95,7 +95,8 @@ def summarise(per_category: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 
 def _percent(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+    # + 0.0 turns a rounded -0.0 (a float-noise negative, e.g. legacy AUPRO) into 0.0
+    return "n/a" if value is None or math.isnan(value) else f"{round(100 * value, 1) + 0.0:.1f}"
 
 
 def render_table(
