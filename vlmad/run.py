@@ -199,9 +199,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]
         read_checkpoint(cfg.ckpt_path)  # a missing or truncated file fails in seconds, naming it
         for stale in remove_partial_writes(Path(cfg.ckpt_path).parent):
             log.warning("removed %s: a partial checkpoint write of a run killed while saving", stale)
-    objects = build(cfg, fit=True)
-    if not objects["method"].trainable:
+    from hydra.utils import get_class
+
+    if not get_class(cfg.method._target_).trainable:  # before any backbone is loaded
         raise ConfigError(f"{cfg.method._target_} has nothing to train; use evaluate.py")
+    objects = build(cfg, fit=True)
     trainer, module = objects["trainer"], objects["module"]
     trainer.fit(module, datamodule=objects["datamodule"], ckpt_path=cfg.get("ckpt_path"))
     results: dict[str, dict[str, float]] = {}

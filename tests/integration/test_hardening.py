@@ -172,3 +172,15 @@ def test_damaged_data_is_reported_at_once_before_the_backbone(make_cfg, syntheti
         evaluate(cfg)
     assert str(corrupt) in str(err.value) and str(mask) in str(err.value)
     assert not built and not (tmp_out(cfg) / "metrics.csv").exists()
+
+
+def test_training_a_training_free_method_is_refused_before_the_backbone(make_cfg, monkeypatch):
+    from vlmad.backbones import ClipBackbone
+    from vlmad.errors import ConfigError
+    from vlmad.run import train
+
+    built = []
+    monkeypatch.setattr(ClipBackbone, "__init__", lambda *a, **k: built.append(1) or None)
+    with pytest.raises(ConfigError, match="nothing to train; use evaluate.py"):
+        train(make_cfg("train", "method=winclip"))
+    assert not built
