@@ -19,20 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from vlmad.metrics.names import METRIC_NAMES
 from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
 from vlmad.published import PUBLISHED, lookup
 
 REPORT = "report.html"
-SHOWN = (
-    "image_auroc",
-    "image_ap",
-    "image_f1max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1max",
-    "pixel_aupro",
-    "pixel_aupro_legacy",
-)
+SHOWN = (*METRIC_NAMES, "pixel_aupro_legacy")
 KSHOT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 CSS = """
