@@ -181,6 +181,6 @@ def test_training_a_training_free_method_is_refused_before_the_backbone(make_cfg
 
     built = []
     monkeypatch.setattr(ClipBackbone, "__init__", lambda *a, **k: built.append(1) or None)
-    with pytest.raises(ConfigError, match="nothing to train; use evaluate.py"):
+    with pytest.raises(ConfigError, match=r"nothing to train; use evaluate\.py"):
         train(make_cfg("train", "method=winclip"))
     assert not built
