@@ -43,7 +43,8 @@ def one_line(err: BaseException, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -65,7 +66,7 @@ def exit_on_user_error(fn: F) -> F:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then prints the whole traceback
                 raise
-            if cause is None or _in_multirun():
+            if cause is None or in_multirun():
                 raise  # a sweep job fails on its own (run.json says why); the other jobs go on
             print(f"vlmad: error: {one_line(cause)}", file=sys.stderr)
             print(f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)

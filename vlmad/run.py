@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmad.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
 from vlmad.config import target_name  # (importing vlmad.config registers the resolvers that conf/hydra uses)
 from vlmad.data import validate_data
-from vlmad.errors import ConfigError, one_line
+from vlmad.errors import ConfigError, in_multirun, one_line
 from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.logs import to_log_file
 from vlmad.metrics.table import format_table, write_csv
@@ -57,11 +58,26 @@ def _callbacks(cfg: DictConfig) -> list:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
 
 
+def _check_devices(cfg: DictConfig) -> None:
+    """Refuse several devices inside a local multirun job: Lightning's DDP children would re-run the script with
+    ``hydra.run.dir`` and write their categories outside the job's sweep folder. SLURM jobs start their ranks."""
+    devices = cfg.trainer.get("devices", 1)
+    several = (
+        devices == -1 or (isinstance(devices, int) and devices > 1) or (OmegaConf.is_list(devices) and len(devices) > 1)
+    )
+    if several and in_multirun() and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError(
+            f"trainer.devices={devices} in a local multirun job is not supported (DDP children would write outside "
+            "the job folder): sweep with hydra/launcher=slurm hydra.launcher.tasks_per_node=N, or run each job alone"
+        )
+
+
 def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
     """Instantiate the data, then backbone -> method -> module, the datamodule and the trainer.
 
     The datasets come first: a wrong data root or a damaged file is reported in seconds, before a ViT-L loads.
     """
+    _check_devices(cfg)
     L.seed_everything(cfg.seed, workers=True)
     test_set = instantiate(cfg.test_data if fit else cfg.data)
     fit_set = instantiate(cfg.data) if fit else None
