@@ -11,6 +11,7 @@ import functools
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,9 +19,10 @@ from vlmad.backbones import ClipBackbone
 from vlmad.methods.anomalyclip import AnomalyCLIP
 
 
-def _interleaved_seconds(fns: list[Callable[[torch.Tensor], object]], images: torch.Tensor, warmup: int) -> list[float]:
-    """Fastest single-image time of each function; calls alternate so that load from other processes on a
-    shared machine hits all of them alike, and the minimum discards the slowed calls."""
+def interleaved_seconds(fns: list[Callable[[Any], object]], images: Any, warmup: int) -> list[float]:
+    """Fastest single-image time of each function on ``images`` (a tensor or array, sliced per image); calls
+    alternate so that load from other processes on a shared machine hits all of them alike, and the minimum
+    discards the slowed calls."""
     for _ in range(warmup):
         for fn in fns:
             fn(images[:1])
@@ -67,7 +69,7 @@ def run(
         method.prepare("object")
         images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            clip_s, method_s = _interleaved_seconds(
+            clip_s, method_s = interleaved_seconds(
                 [backbone.model.encode_image, functools.partial(method, class_names=["object"])], images, warmup
             )
         rows.append(

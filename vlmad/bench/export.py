@@ -13,7 +13,6 @@ import json
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 
 from vlmad import deploy
 from vlmad.backbones import ClipBackbone
+from vlmad.bench.anomalyclip import interleaved_seconds
 from vlmad.export import MANIFEST, ONNX_FILE, OPENVINO_FILE, export_graph, export_onnx, export_openvino
 from vlmad.methods.anomalyclip import AnomalyCLIP
 from vlmad.methods.aprilgan import AprilGAN
@@ -52,19 +52,6 @@ def _build(name: str, backbone_name: str | None) -> AnomalyMethod:
         method = make(backbone)
     method.eval().prepare("object")
     return method
-
-
-def _fastest(fns: list[Callable[[np.ndarray], object]], images: np.ndarray, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        for fn in fns:
-            fn(images[:1])
-    best = [float("inf")] * len(fns)
-    for i in range(len(images)):
-        for j, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn(images[i : i + 1])
-            best[j] = min(best[j], time.perf_counter() - start)
-    return best
 
 
 def run(
@@ -111,7 +98,7 @@ def run(
                 with torch.inference_mode():
                     return method(torch.from_numpy(x), ["object"] * len(x))
 
-            seconds = _fastest([torch_call, onnx.run, openvino.run], images.numpy(), warmup)
+            seconds = interleaved_seconds([torch_call, onnx.run, openvino.run], images.numpy(), warmup)
         torch_s, onnx_s, openvino_s = seconds
         rows.append(
             {
