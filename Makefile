@@ -56,7 +56,7 @@ evaluate: $(STAMP) ## python evaluate.py $(ARGS)
 	$(BIN)/python evaluate.py $(ARGS)
 
 report: $(STAMP) ## one table for a sweep or comparison dir (no torch import): make report DIR=multirun/... [ARGS=--per-category]
-	$(BIN)/python -m vlmad.report $(DIR) $(ARGS)
+	$(BIN)/python -m vlmad.outputs.report $(DIR) $(ARGS)
 
 wheel: $(STAMP) ## build dist/vlmad-*.whl (conf/ inside; `pip install` it anywhere, then `vlmad train|evaluate|...`)
 	$(BIN)/pip wheel . --no-deps --no-build-isolation -q -w dist && rm -rf build

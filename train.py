@@ -9,7 +9,7 @@ from vlmad.cli import train_task
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point (= ``vlmad train``); returns the mean pixel AUROC for sweepers."""
-    return train_task(cfg)  # quiet logs; a user error: one line, exit code 2 (comparisons: python -m vlmad.compare)
+    return train_task(cfg)  # quiet logs; a user error: one line, exit 2 (comparisons: vlmad compare)
 
 
 if __name__ == "__main__":

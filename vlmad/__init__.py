@@ -1,7 +1,7 @@
 """vlmad: zero- and few-shot industrial anomaly detection with vision-language models.
 
 The public API is imported lazily (PEP 562): ``import vlmad`` loads neither torch nor Lightning, so the
-torch-free runtime :mod:`vlmad.deploy` and ``python -m vlmad.report`` stay light.
+torch-free runtime :mod:`vlmad.deploy` and ``vlmad report`` stay light.
 
     from vlmad import ClipBackbone, WinCLIP
     method = WinCLIP(ClipBackbone("vlmad-tiny", pretrained=None, image_size=64), k_shot=0)
@@ -22,9 +22,9 @@ _EXPORTS = {
     "WinCLIP": "vlmad.methods",
     "ClipBackbone": "vlmad.backbones",
     "AnomalyDataModule": "vlmad.data",
-    "AnomalyModule": "vlmad.module",
-    "evaluate": "vlmad.run",
-    "train": "vlmad.run",
+    "AnomalyModule": "vlmad.engine.module",
+    "evaluate": "vlmad.engine.run",
+    "train": "vlmad.engine.run",
     "compose": "vlmad.config",
     "CONF_DIR": "vlmad.config",
 }

@@ -26,14 +26,15 @@ USAGE = """usage: vlmad COMMAND [HYDRA OVERRIDES ...]
 commands:
   train      fit a method's learned parts, then test zero-shot   (= python train.py ...)
   evaluate   evaluate a method per category                      (= python evaluate.py ...)
-  predict    score new images: overlays, masks, predictions.csv  (= python -m vlmad.predict ...)
-  export     export a prepared method to ONNX / OpenVINO         (= python -m vlmad.export ...)
-  report     one table for a sweep or comparison folder          (= python -m vlmad.report DIR ...)
-  compare    the methods side by side (experiment=comparison)    (= python -m vlmad.compare ...)
+  predict    score new images: overlays, masks, predictions.csv  (= python -m vlmad.deploy.predict)
+  export     export a prepared method to ONNX / OpenVINO         (= python -m vlmad.deploy.export)
+  report     one table for a sweep or comparison folder          (= python -m vlmad.outputs.report DIR)
+  compare    the methods side by side (experiment=comparison)    (= python -m vlmad.engine.compare)
 
 `vlmad COMMAND --help` lists a command's config groups and options.
 """
-HYDRA_COMMANDS = {"predict": "vlmad.predict", "export": "vlmad.export"}  # modules with their own @hydra.main
+# modules with their own @hydra.main
+HYDRA_COMMANDS = {"predict": "vlmad.deploy.predict", "export": "vlmad.deploy.export"}
 
 
 def _task(name: str, run: Callable[[DictConfig], tuple[dict[str, dict[str, float]], Any]]) -> Callable:
@@ -54,13 +55,13 @@ def _task(name: str, run: Callable[[DictConfig], tuple[dict[str, dict[str, float
 
 
 def _train(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], Any]:
-    from vlmad.run import train
+    from vlmad.engine.run import train
 
-    return train(cfg)  # experiment=comparison is refused there, naming `python -m vlmad.compare`
+    return train(cfg)  # experiment=comparison is refused there, naming `vlmad compare`
 
 
 def _evaluate(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], Any]:
-    from vlmad.run import evaluate
+    from vlmad.engine.run import evaluate
 
     return evaluate(cfg)
 

@@ -2,7 +2,7 @@
 
 Generates a synthetic MVTec-format target and a synthetic VisA-format auxiliary set, then runs WinCLIP
 zero-shot and 1-shot and AnomalyCLIP (prompts learned on the auxiliary set, tested zero-shot on the target)
-through the comparison driver (`experiment=demo`, `vlmad.compare`), and prints the per-method tables and a
+through the comparison driver (`experiment=demo`, `vlmad.engine.compare`), and prints the per-method tables and a
 side-by-side summary. Random weights: the numbers show that the pipeline runs end to end, not how good any
 method is.
 """
@@ -19,8 +19,8 @@ from vlmad.config import compose
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Run the demo; returns {member label: per-category metrics}."""
-    from vlmad.compare import run
     from vlmad.config import fresh_dir
+    from vlmad.engine.compare import run
     from vlmad.logs import quiet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -20,7 +20,7 @@ import vlmad
 from vlmad.cli import main as cli_main
 from vlmad.config import CONF_DIR
 from vlmad.metrics.table import write_csv
-from vlmad.report import write_run_json
+from vlmad.outputs.report import write_run_json
 
 ROOT = CONF_DIR.parent
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
@@ -113,8 +113,8 @@ def test_report_reads_a_sweep_without_torch_in_natural_order(tmp_path):
         {"status": "failed", "error": "ValueError: boom", "overrides": ["method.k_shot=10", "seed=2"]},
     )
     guard = (
-        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['vlmad.report', sys.argv[1]]; "
-        "runpy.run_module('vlmad.report', run_name='__main__')"
+        "import sys, runpy; sys.modules['torch'] = None; sys.argv = ['vlmad.outputs.report', sys.argv[1]]; "
+        "runpy.run_module('vlmad.outputs.report', run_name='__main__')"
     )
     out = _run([sys.executable, "-c", guard, tmp_path], cwd=tmp_path).stdout  # `import torch` would fail
     lines = [line.split() for line in out.splitlines() if line.startswith("WinCLIP")]
@@ -130,12 +130,12 @@ def test_cli_help_and_unknown_command(capsys, monkeypatch):
     cli_main(["--help"])
     usage = capsys.readouterr().out
     assert all(c in usage for c in ("train", "report", "compare"))
-    import vlmad.compare
+    import vlmad.engine.compare
 
     seen = []
-    monkeypatch.setattr(vlmad.compare, "main", seen.append)
+    monkeypatch.setattr(vlmad.engine.compare, "main", seen.append)
     cli_main(["compare", "experiment=demo", "data.root=x"])
-    assert seen == [["experiment=demo", "data.root=x"]]  # the overrides reach python -m vlmad.compare's main
+    assert seen == [["experiment=demo", "data.root=x"]]  # the overrides reach vlmad compare's main
     with pytest.raises(SystemExit, match="unknown command 'fit'"):
         cli_main(["fit"])
 

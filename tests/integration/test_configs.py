@@ -94,5 +94,5 @@ def test_datamodule_and_module_nodes_come_from_their_groups(tmp_path):
         assert "\ndatamodule:" not in text and "\nmodule:" not in text  # not repeated in the primary configs
         cfg = compose(name, [], tmp_path)
         assert cfg.datamodule._target_ == "vlmad.data.AnomalyDataModule"
-        assert cfg.module._target_ == "vlmad.module.AnomalyModule"
+        assert cfg.module._target_ == "vlmad.engine.module.AnomalyModule"
         assert (cfg.module.optimizer or {}).get("_target_") == optimizer

@@ -92,15 +92,15 @@ def test_fit_sampler_ranks_together_give_the_one_device_batches():
 
 def test_several_devices_in_a_local_multirun_job_are_refused(make_cfg, monkeypatch):
     """Lightning's DDP children would write outside the sweep job's folder: refused unless SLURM starts the ranks."""
-    import vlmad.run
+    import vlmad.engine.run
     from vlmad.errors import ConfigError
 
-    monkeypatch.setattr(vlmad.run, "in_multirun", lambda: True)
+    monkeypatch.setattr(vlmad.engine.run, "in_multirun", lambda: True)
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
     cfg = make_cfg("evaluate", "method=winclip", "trainer.devices=2")
     with pytest.raises(ConfigError, match="hydra/launcher=slurm"):
-        vlmad.run._check_devices(cfg)
+        vlmad.engine.run._check_devices(cfg)
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    vlmad.run._check_devices(cfg)  # SLURM starts every rank itself: allowed
+    vlmad.engine.run._check_devices(cfg)  # SLURM starts every rank itself: allowed
     monkeypatch.delenv("SLURM_NTASKS")
-    vlmad.run._check_devices(make_cfg("evaluate", "method=winclip"))  # one device: allowed
+    vlmad.engine.run._check_devices(make_cfg("evaluate", "method=winclip"))  # one device: allowed

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from vlmad.engine.run import evaluate
 from vlmad.methods.winclip import WinCLIP
-from vlmad.run import evaluate
 
 JOBS = [(1, 0), (1, 1), (2, 0)]  # (k_shot, reference seed)
 

@@ -9,12 +9,12 @@ import pytest
 from conftest import SYNTHETIC
 from omegaconf import OmegaConf
 
-from vlmad import compare
+from vlmad.engine import compare
 from vlmad.config import CONF_DIR, compose
+from vlmad.engine.run import evaluate, train
+from vlmad.metrics.published import PUBLISHED, lookup
 from vlmad.metrics.table import read_csv
-from vlmad.published import PUBLISHED, lookup
-from vlmad.report import report
-from vlmad.run import evaluate, train
+from vlmad.outputs.report import report
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 CATEGORY = {"mvtec": "bottle_syn", "visa": "candle_syn"}

@@ -1,4 +1,4 @@
-"""``python -m vlmad.export`` and the torch-free runtime: parity with torch for every exportable method and mode.
+"""``vlmad export`` and the torch-free runtime: parity with torch for every exportable method and mode.
 
 The backbone is the tiny random-weights CLIP cut to 4 vision blocks: export time grows with the graph (WinCLIP
 runs the blocks three times), and 4 blocks keep each export to a few seconds on 2 shared cores.
@@ -23,9 +23,9 @@ from PIL import Image
 from vlmad import deploy
 from vlmad.config import compose
 from vlmad.data import Preprocess, load_image
+from vlmad.deploy.export import ExportError, export, export_graph
+from vlmad.deploy.predict import PredictError, build_method, load_references, predict
 from vlmad.errors import VlmadError
-from vlmad.export import ExportError, export, export_graph
-from vlmad.predict import PredictError, build_method, load_references, predict
 
 TINY4 = "vlmad-tiny-d4"
 VARIANTS = {

@@ -54,9 +54,9 @@ def test_a_late_failure_keeps_finished_categories_and_records_the_error(make_cfg
     """Category 2 fails: metrics.csv keeps category 1, run.json says failed and why, the report lists it."""
     import json
 
-    from vlmad.module import AnomalyModule
-    from vlmad.report import collect
-    from vlmad.run import evaluate
+    from vlmad.engine.module import AnomalyModule
+    from vlmad.engine.run import evaluate
+    from vlmad.outputs.report import collect
 
     cfg = make_cfg("evaluate", "method=winclip")
     original = AnomalyModule._open_category
@@ -85,17 +85,17 @@ def tmp_out(cfg):
 
 
 def test_evaluate_refuses_the_comparison_experiment(make_cfg):
+    from vlmad.engine.run import evaluate
     from vlmad.errors import ConfigError
-    from vlmad.run import evaluate
 
-    with pytest.raises(ConfigError, match=r"python -m vlmad\.compare experiment="):
+    with pytest.raises(ConfigError, match=r"vlmad compare experiment="):
         evaluate(make_cfg("evaluate", "experiment=comparison"))
 
 
 def test_resume_removes_partial_checkpoint_writes(tmp_path):
     import torch
 
-    from vlmad.checkpoint import atomic_torch_save, remove_partial_writes
+    from vlmad.engine.checkpoint import atomic_torch_save, remove_partial_writes
 
     atomic_torch_save({"a": torch.ones(2)}, tmp_path / "last.ckpt")
     (tmp_path / "last.ckpt.tmp").write_bytes(b"torn")
@@ -108,7 +108,7 @@ def test_resume_removes_partial_checkpoint_writes(tmp_path):
 def test_truncated_checkpoint_is_named(tmp_path):
     import torch
 
-    from vlmad.checkpoint import CheckpointMismatchError, read_checkpoint
+    from vlmad.engine.checkpoint import CheckpointMismatchError, read_checkpoint
 
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.randn(1000)}}, path)
@@ -157,7 +157,7 @@ def test_damaged_data_is_reported_at_once_before_the_backbone(make_cfg, syntheti
 
     from vlmad.backbones import ClipBackbone
     from vlmad.data import DataError
-    from vlmad.run import evaluate
+    from vlmad.engine.run import evaluate
 
     root = tmp_path / "damaged"
     shutil.copytree(synthetic_roots["mvtec"], root)
@@ -176,8 +176,8 @@ def test_damaged_data_is_reported_at_once_before_the_backbone(make_cfg, syntheti
 
 def test_training_a_training_free_method_is_refused_before_the_backbone(make_cfg, monkeypatch):
     from vlmad.backbones import ClipBackbone
+    from vlmad.engine.run import train
     from vlmad.errors import ConfigError
-    from vlmad.run import train
 
     built = []
     monkeypatch.setattr(ClipBackbone, "__init__", lambda *a, **k: built.append(1) or None)

@@ -15,7 +15,7 @@ import numpy as np
 from hydra.utils import instantiate
 
 from vlmad.config import compose
-from vlmad.run import build
+from vlmad.engine.run import build
 
 SEEDS = (0, 1, 2, 3)
 

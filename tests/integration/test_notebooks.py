@@ -63,7 +63,7 @@ def test_quickstart_runs_on_synthetic_data(tmp_path, monkeypatch):
 
 
 def test_results_finds_every_run_of_a_sweep(make_cfg, tmp_path, monkeypatch):
-    from vlmad.run import evaluate
+    from vlmad.engine.run import evaluate
 
     sweep = tmp_path / "sweep"
     for k in (0, 1):
@@ -71,7 +71,7 @@ def test_results_finds_every_run_of_a_sweep(make_cfg, tmp_path, monkeypatch):
         cfg.paths.output_dir = str(sweep / f"{k}_winclip_k{k}")  # compose pins tmp_path/run; one folder per job
         evaluate(cfg)
     run_json = sweep / "1_winclip_k1" / "run.json"
-    if not run_json.is_file():  # written by evaluate when vlmad.report is present; the notebook reads either
+    if not run_json.is_file():  # written by evaluate when vlmad.outputs.report is present; the notebook reads either
         run_json.write_text(json.dumps({"method": "winclip", "k_shot": 1}))
     text = _execute(
         RESULTS, {"SWEEP_DIR": str(sweep), "METRICS": ["image_auroc", "pixel_auroc"]}, tmp_path, monkeypatch

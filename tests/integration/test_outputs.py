@@ -13,10 +13,10 @@ from conftest import SYNTHETIC, SYNTHETIC_CATEGORIES
 from PIL import Image
 
 from vlmad.config import compose
-from vlmad.outputs import PREDICTION_COLUMNS
-from vlmad.report import main as report_main
-from vlmad.run import evaluate
-from vlmad.viz import PANEL_BAR, PANEL_GAP, display_size
+from vlmad.engine.run import evaluate
+from vlmad.outputs.heatmaps import PANEL_BAR, PANEL_GAP, display_size
+from vlmad.outputs.predictions import PREDICTION_COLUMNS
+from vlmad.outputs.report import main as report_main
 
 
 def _predictions(out: Path) -> list[dict[str, str]]:

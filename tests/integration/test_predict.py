@@ -1,4 +1,4 @@
-"""``vlmad.predict`` on generated images with the tiny random-weights backbone."""
+"""``vlmad.deploy.predict`` on generated images with the tiny random-weights backbone."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vlmad.config import compose
-from vlmad.predict import PredictError, predict
+from vlmad.deploy.predict import PredictError, predict
 
 BASE = ["backbone=tiny", "backbone.image_size=64", "method=winclip", "batch_size=2", "device=cpu", "class_name=bottle"]
 
@@ -39,8 +39,8 @@ def _make_ckpt(path) -> None:
     import lightning as L
 
     from vlmad.backbones import ClipBackbone
+    from vlmad.engine.module import AnomalyModule
     from vlmad.methods.winclip import WinCLIP
-    from vlmad.module import AnomalyModule
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.strategy.connect(AnomalyModule(WinCLIP(ClipBackbone("vlmad-tiny", None, 64))))
@@ -144,7 +144,7 @@ def test_few_shot_with_references(tmp_path, bottle):
 def test_command_line_entry_point(tmp_path, bottle, monkeypatch, capsys):
     from hydra.core.global_hydra import GlobalHydra
 
-    from vlmad.predict import main
+    from vlmad.deploy.predict import main
 
     image = sorted((bottle / "test" / "good").glob("*.png"))[0]
     monkeypatch.chdir(tmp_path)  # Hydra's run dir is relative: outputs/predict/...
@@ -170,7 +170,7 @@ def test_non_utf8_file_name_is_written_and_rows_are_kept(tmp_path, bottle, monke
     text = (out / "predictions.csv").read_bytes().decode("utf-8")  # still valid UTF-8
     assert "caf\\xe9.png" in text and len(_csv(out)) == 2 == len(rows)
 
-    import vlmad.predict as vp
+    import vlmad.deploy.predict as vp
 
     calls = []
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from vlmad.engine.run import evaluate
 from vlmad.metrics.table import read_csv
-from vlmad.run import evaluate
 
 HEADER = "category,image_auroc,image_ap,image_f1max,pixel_auroc,pixel_ap,pixel_f1max,pixel_aupro"
 

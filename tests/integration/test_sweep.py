@@ -1,4 +1,4 @@
-"""Hydra multirun through the entry points (subprocesses), then `vlmad.report` on the sweep directory."""
+"""Hydra multirun through the entry points (subprocesses), then `vlmad.outputs.report` on the sweep directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import SYNTHETIC
 
 from vlmad.config import CONF_DIR
 from vlmad.metrics.table import read_csv
-from vlmad.report import main as report_main
+from vlmad.outputs.report import main as report_main
 
 ROOT = CONF_DIR.parent
 CATEGORY = {"mvtec": "bottle_syn", "visa": "candle_syn"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmad.checkpoint import CheckpointMismatchError
-from vlmad.run import evaluate, train
+from vlmad.engine.checkpoint import CheckpointMismatchError
+from vlmad.engine.run import evaluate, train
 
 
 def _learned(objects) -> dict[str, torch.Tensor]:

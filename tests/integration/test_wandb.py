@@ -16,10 +16,10 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
-from vlmad.checkpoint import CheckpointMismatchError
-from vlmad.loggers import active_run, make_wandb_logger, wandb_mode
+from vlmad.engine.checkpoint import CheckpointMismatchError
+from vlmad.engine.run import evaluate
 from vlmad.metrics.table import read_csv
-from vlmad.run import evaluate
+from vlmad.outputs.loggers import active_run, make_wandb_logger, wandb_mode
 
 pytest.importorskip("wandb")
 
@@ -183,7 +183,7 @@ def test_report_is_logged_from_memory(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from vlmad import loggers
+    from vlmad.outputs import loggers
     from vlmad.metrics.names import METRIC_NAMES
 
     class FakeRun:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmad import compare
+from vlmad.engine import compare
 from vlmad.config import compose
+from vlmad.engine.run import build, evaluate, train
 from vlmad.errors import ConfigError
-from vlmad.run import build, evaluate, train
 
 TINY = [
     "backbone=tiny",
@@ -21,7 +21,7 @@ TINY = [
 
 
 def test_datamodule_and_predict_take_preprocessing_from_the_backbone(make_cfg, tmp_path):
-    from vlmad.predict import build_method
+    from vlmad.deploy.predict import build_method
 
     cfg = make_cfg("evaluate", "backbone.image_size=96")
     assert "image_size" not in cfg.datamodule and "mean" not in cfg.datamodule  # no parallel config values
@@ -78,8 +78,8 @@ def test_class_names_map_folders_to_object_names(synthetic_roots, tmp_path, monk
 
 
 def test_test_step_refuses_a_batch_of_several_categories(tiny_backbone):
+    from vlmad.engine.module import AnomalyModule
     from vlmad.methods.winclip import WinCLIP
-    from vlmad.module import AnomalyModule
 
     module = AnomalyModule(WinCLIP(tiny_backbone))
     batch = {"category": ["a", "b"], "class_name": ["a", "b"], "image": torch.zeros(2, 3, 64, 64)}
@@ -95,7 +95,7 @@ def test_own_data_needs_a_named_test_set(make_cfg, tmp_path):
 
 
 def test_comparisons_run_from_their_own_entry_point(make_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"python -m vlmad\.compare"):
+    with pytest.raises(ConfigError, match=r"vlmad compare"):
         train(make_cfg("train", "experiment=comparison"))
     cfg = compare.compose_comparison(["backbone=tiny", f"paths.output_dir={tmp_path / 'cmp'}"])
     assert set(cfg.comparison.members) == {"winclip", "anomalyclip", "aprilgan", "musc"}

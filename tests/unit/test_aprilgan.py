@@ -7,7 +7,7 @@ import torch
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.aprilgan import AprilGAN
-from vlmad.prompts import TextFeatureCache
+from vlmad.methods.prompts import TextFeatureCache
 
 LAYERS = [1, 3]
 

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-import vlmad.cache
-from vlmad.cache import FeatureCache, load_entry
+import vlmad.backbones.cache
+from vlmad.backbones.cache import FeatureCache, load_entry
 from vlmad.methods.aprilgan import AprilGAN
-from vlmad.prompts import PromptSet, TextFeatureCache, ensemble_text_features
+from vlmad.methods.prompts import PromptSet, TextFeatureCache, ensemble_text_features
 
 LAYERS = (1, 3)
 
@@ -40,7 +40,8 @@ def _entries(directory) -> list:
 
 
 def _cache_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "vlmad.cache" and r.levelno == logging.WARNING]
+    name = "vlmad.backbones.cache"
+    return [r.getMessage() for r in caplog.records if r.name == name and r.levelno == logging.WARNING]
 
 
 def _vlmad_warnings(caplog) -> list[str]:
@@ -106,7 +107,7 @@ def _permission_denied(tmp_path, monkeypatch):
     def refuse(obj, path, *args, **kwargs):  # what a read-only directory does to a non-root writer
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(vlmad.cache.torch, "save", refuse)
+    monkeypatch.setattr(vlmad.backbones.cache.torch, "save", refuse)
     return tmp_path / "cache"
 
 
@@ -161,7 +162,7 @@ def test_concurrent_threads_use_distinct_temporary_files(method, images, tmp_pat
         save(obj, path, *args, **kwargs)
         time.sleep(0.05)
 
-    monkeypatch.setattr(vlmad.cache.torch, "save", slow_save)
+    monkeypatch.setattr(vlmad.backbones.cache.torch, "save", slow_save)
     errors: list[BaseException] = []
 
     def job():
@@ -185,7 +186,7 @@ def _writer(method: AprilGAN, images: torch.Tensor, cache_dir: str, start_togeth
     warnings: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = warnings.append  # a torn or mixed entry would be reported here
-    logging.getLogger("vlmad.cache").addHandler(handler)
+    logging.getLogger("vlmad.backbones.cache").addHandler(handler)
     cache = FeatureCache("disk", cache_dir)
     start_together.wait(timeout=60)
     for _ in range(2):
@@ -219,7 +220,7 @@ def test_two_processes_fill_one_cold_cache_without_torn_or_mixed_entries(method,
 
 def test_mixed_precision_features_never_serve_an_fp32_run(tiny_backbone):
     """Autocast changes the encoder's output: a bf16 entry is a miss for fp32 and vice versa."""
-    from vlmad.cache import FeatureCache
+    from vlmad.backbones.cache import FeatureCache
     from vlmad.methods.aprilgan import AprilGAN
 
     method = AprilGAN(tiny_backbone, feature_layers=[1, 3])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vlmad.backbones import ClipBackbone
-from vlmad.checkpoint import CheckpointMismatchError, load_method_weights
+from vlmad.engine.checkpoint import CheckpointMismatchError, load_method_weights
+from vlmad.engine.module import AnomalyModule
 from vlmad.methods.anomalyclip import AnomalyCLIP
 from vlmad.methods.aprilgan import AprilGAN
-from vlmad.module import AnomalyModule
 
 ANOMALYCLIP = {"feature_layers": [3], "dpam_start": 1, "deep_prompt_depth": 3}
 
@@ -73,7 +73,7 @@ def test_official_anomalyclip_file_is_converted(tmp_path, caplog):
     torch.save({"prompt_learner": official}, path)
 
     target = AnomalyCLIP(_backbone(0), **ANOMALYCLIP)
-    with caplog.at_level(logging.INFO, logger="vlmad.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="vlmad.engine.checkpoint"):
         load_method_weights(target, path)
     assert f"converted official AnomalyCLIP checkpoint {path}" in caplog.text
     for key, value in state.items():
@@ -87,7 +87,7 @@ def test_official_aprilgan_file_is_converted_and_shapes_checked(tmp_path, caplog
     path = tmp_path / "visa_pretrained.pth"
     torch.save(official, path)
     target = AprilGAN(_backbone(0), feature_layers=[1, 3])
-    with caplog.at_level(logging.INFO, logger="vlmad.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="vlmad.engine.checkpoint"):
         load_method_weights(target, path)
     assert f"converted official AprilGAN checkpoint {path}" in caplog.text
     for key, value in state.items():

@@ -509,7 +509,7 @@ def test_bad_metrics_csv_is_one_short_line(tmp_path, content, message):
 
 
 def test_report_lists_a_run_with_an_unreadable_metrics_csv_as_failed(tmp_path):
-    from vlmad.report import collect
+    from vlmad.outputs.report import collect
 
     good, bad = tmp_path / "good", tmp_path / "bad"
     for run_dir in (good, bad):

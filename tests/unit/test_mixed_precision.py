@@ -3,7 +3,7 @@
 Each method is built twice from the same seeded config (tiny backbone, 64 px, generated data) and scored once in
 fp32 and once inside ``torch.autocast`` (what Lightning's ``bf16-mixed`` / ``16-mixed`` wrap every step in). The
 delicate parts (temperature logits, softmaxes, harmonic means, min-distances, blur) run in fp32 inside the methods
-(``vlmad.ops.fp32``), so outputs are float32 and rankings agree. Lightning turns ``16-mixed`` on CPU into
+(``vlmad.methods.ops.fp32``), so outputs are float32 and rankings agree. Lightning turns ``16-mixed`` on CPU into
 ``bf16-mixed``; fp16 is checked with a plain ``torch.autocast`` here.
 """
 
@@ -17,9 +17,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from vlmad.bench.gpu_check import rank_correlation
 from vlmad.config import compose
+from vlmad.engine.run import evaluate, train
 from vlmad.methods.aprilgan import AprilGAN
-from vlmad.ops import autocast_active, fp32
-from vlmad.run import evaluate, train
+from vlmad.methods.ops import autocast_active, fp32
 
 CATEGORIES = ["carpet_syn", "bottle_syn"]
 DATA = {"image_size": 64, "n_train": 4, "n_test_good": 10, "n_test_defect": 10, "seed": 0}  # 40 test images

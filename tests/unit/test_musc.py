@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from vlmad.config import compose
+from vlmad.engine.run import evaluate
 from vlmad.methods.musc import PROTOCOL, MuSc, interval, lnamd, min_set_size, nearest_patch_distances
 from vlmad.metrics import AnomalyMetrics
-from vlmad.published import lookup
-from vlmad.run import evaluate
+from vlmad.metrics.published import lookup
 
 SMALL = {"feature_layers": [1, 3], "r_list": [1, 3]}  # a fast subset of the paper's taps / degrees
 
@@ -169,7 +169,7 @@ def test_module_refuses_a_category_of_four(make_cfg):
 
 
 def test_wandb_run_carries_the_protocol(tmp_path, monkeypatch):
-    from vlmad import loggers
+    from vlmad.outputs import loggers
 
     class FakeRun:
         def __init__(self):

@@ -5,9 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmad.html_report import roc_pr_points, svg_plot
-from vlmad.outputs import CategoryOutputs
-from vlmad.viz import (
+from vlmad.outputs.heatmaps import (
     PANEL_BAR,
     PANEL_GAP,
     colorize,
@@ -22,6 +20,8 @@ from vlmad.viz import (
     save_png,
     select_panels,
 )
+from vlmad.outputs.html import roc_pr_points, svg_plot
+from vlmad.outputs.predictions import CategoryOutputs
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from vlmad.backbones import ClipBackbone
 from vlmad.bench.winclip import format_rows, run
+from vlmad.methods.prompts import TextFeatureCache
 from vlmad.methods.winclip import WinCLIP, window_layout
-from vlmad.prompts import TextFeatureCache
 
 TEXT = TextFeatureCache()  # shared across tests: text does not depend on the options under test
 

@@ -271,7 +271,7 @@ class ClipBackbone(nn.Module):
         """Which weights these are: the open_clip tag, ``sha256:<hex>`` of a local file, or ``random:<sha1>``.
 
         Random weights are only equal within one seeded build, so their values are fingerprinted (a strided sample
-        per tensor: milliseconds, not a pass over GBs). A checkpoint records it (``vlmad.checkpoint``).
+        per tensor: milliseconds, not a pass over GBs). A checkpoint records it (``vlmad.engine.checkpoint``).
         """
         if getattr(self, "_weights_id", None) is None:
             source = self.pretrained

@@ -2,7 +2,7 @@
 
 Each method runs at its paper backbone and size: WinCLIP on ViT-B-16-plus-240 at 240 px, AnomalyCLIP (DPAM) on
 ViT-L-14-336-quickgelu at 518 px, APRIL-GAN on ViT-L-14-336 at 518 px. The method is exported exactly as
-``python -m vlmad.export`` does (ONNX, then OpenVINO IR from it) into a temporary folder; the three runners use
+``vlmad export`` does (ONNX, then OpenVINO IR from it) into a temporary folder; the three runners use
 the same number of CPU threads, and calls alternate so that load from other processes hits all of them alike
 (the fastest call of each counts).
 """
@@ -21,7 +21,7 @@ import torch
 from vlmad import deploy
 from vlmad.backbones import ClipBackbone
 from vlmad.bench.anomalyclip import interleaved_seconds
-from vlmad.export import MANIFEST, ONNX_FILE, OPENVINO_FILE, export_graph, export_onnx, export_openvino
+from vlmad.deploy.export import MANIFEST, ONNX_FILE, OPENVINO_FILE, export_graph, export_onnx, export_openvino
 from vlmad.methods.anomalyclip import AnomalyCLIP
 from vlmad.methods.aprilgan import AprilGAN
 from vlmad.methods.base import AnomalyMethod

@@ -3,7 +3,7 @@
 Per method (random weights, ``pretrained=None``; random weights cost what trained ones cost): images/s at batch
 32 in fp32 and under bf16 autocast (warm-up, then timed between ``torch.cuda.synchronize`` calls), peak GPU
 memory, bf16-vs-fp32 agreement of the maps and scores (max |diff|, Spearman rank correlation); MuSc also as a
-200-image category in bf16 (``vlmad.bench.musc``); then a tiny-backbone train + evaluate through ``vlmad.run`` on
+200-image category in bf16 (``vlmad.bench.musc``); then a tiny-backbone train + evaluate through ``vlmad.engine.run`` on
 the device in ``bf16-mixed``. Prints one table and writes it as JSON. ``--cpu-smoke`` runs the same code with the
 tiny backbone at 64 px on the CPU in seconds (the test suite runs it, so the script cannot rot).
 """
@@ -159,10 +159,10 @@ def musc_category(device: torch.device, smoke: bool) -> dict:
 
 
 def end_to_end(device: torch.device, workdir: Path) -> dict:
-    """Tiny-backbone AnomalyCLIP train (1 epoch) + evaluate through ``vlmad.run`` in bf16-mixed on ``device``."""
+    """Tiny-backbone AnomalyCLIP train (1 epoch) + evaluate through ``vlmad.engine.run`` in bf16-mixed on ``device``."""
     from vlmad.config import compose
     from vlmad.data.synthetic import generate
-    from vlmad.run import train
+    from vlmad.engine.run import train
 
     data = {"image_size": 64, "n_train": 2, "n_test_good": 4, "n_test_defect": 4, "seed": 0}
     root = generate(workdir / "data", categories=["carpet_syn", "bottle_syn"], **data)

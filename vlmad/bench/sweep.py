@@ -15,7 +15,7 @@ from pathlib import Path
 
 def _job(root: Path, out: Path, k: int, draw: int, backbone: str, image_size: int, cache: Path | None) -> dict:
     from vlmad.config import compose
-    from vlmad.run import evaluate
+    from vlmad.engine.run import evaluate
 
     overrides = [
         "method=winclip",

@@ -34,7 +34,7 @@ def run(
         rows with per-epoch seconds and the final training loss of each run (they must be equal).
     """
     from vlmad.config import compose as compose_run
-    from vlmad.run import build
+    from vlmad.engine.run import build
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

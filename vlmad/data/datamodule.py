@@ -138,7 +138,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.mosaic_prob = float(mosaic_prob)
-        self.feature_reader = None  # a vlmad.cache.WorkerReader: disk-cache entries read in the loader workers
+        self.feature_reader = None  # a cache WorkerReader: disk-cache entries read in the loader workers
         self.references_with_replacement = bool(references_with_replacement)
         self.fit_split = fit_split
         self.shuffle = shuffle

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from vlmad.backbones import ClipBackbone
 from vlmad.backbones.dpam import check_dpam_block, dpam_forward
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import dice_loss, focal_loss, fp32, gaussian_blur, scaled_sigma
+from vlmad.methods.ops import dice_loss, focal_loss, fp32, gaussian_blur, scaled_sigma
 
 
 class AnomalyCLIP(AnomalyMethod):

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import autocast_off, dice_loss, focal_loss, fp32, gaussian_blur, min_cosine_distance
-from vlmad.prompts import get_prompt_set
+from vlmad.methods.ops import autocast_off, dice_loss, focal_loss, fp32, gaussian_blur, min_cosine_distance
+from vlmad.methods.prompts import get_prompt_set
 
 STAGE_REDUCE = ("sum", "mean")
 IMAGE_SCORES = ("text", "map_max", "fusion")
@@ -33,7 +33,7 @@ class AprilGAN(AnomalyMethod):
         k_shot: reference images per category (0 = zero-shot).
         feature_layers: 0-based blocks feeding the projections (paper: 5, 11, 17, 23 = "layers 6..24").
         few_shot_layers: 0-based blocks of the memory; None = ``feature_layers`` (the reference's setting).
-        prompts: prompt-set name in ``vlmad.prompts.PROMPT_SETS`` or a dict of state/template lists.
+        prompts: prompt-set name in ``vlmad.methods.prompts.PROMPT_SETS`` or a dict of state/template lists.
         temperature: logits = cos / temperature (reference: fixed 100, not CLIP's logit_scale).
         upsample_align_corners: bilinear upsampling of logits and few-shot grids (reference: True).
         stage_reduce: ``sum`` = reference map (range [0, n], k-shot [0, n + 2 n_fs]); ``mean`` divides it by
@@ -299,7 +299,7 @@ class AprilGAN(AnomalyMethod):
         if mode == "fusion" and self.transductive:
             raise RuntimeError(
                 "image_fusion='transductive_minmax' normalises over all test images of a category; it cannot "
-                "score a batch: accumulate every batch of the category, then score_accumulated (vlmad.module does), "
+                "score a batch: accumulate every batch of the category, then score_accumulated (the module does), "
                 "or call fuse_scores_minmax on the whole category's text probabilities and map maxima."
             )
         amap, text_score, map_max = self._batch_parts(images, class_names, features)

@@ -1,4 +1,4 @@
-"""The contract every method implements; the Lightning wrapper (vlmad.module) only talks to this."""
+"""The contract every method implements; the Lightning wrapper (vlmad.engine.module) only talks to this."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from vlmad.backbones import ClipBackbone
-from vlmad.prompts import TextFeatureCache
+from vlmad.methods.prompts import TextFeatureCache
 
 
 def _apply_nested(fn: Callable[[Tensor], Tensor], value: Any) -> Any:
@@ -49,13 +50,14 @@ class AnomalyMethod(nn.Module):
 
     trainable: bool = False
     transductive: bool = False
+    cacheable: bool = True  # False: encode_images depends on learned parameters (the module runs no feature cache)
     tensor_state: tuple[str, ...] = ()  # attributes holding plain tensors (dicts/lists of them) that follow .to()
 
     def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.k_shot = int(k_shot)
-        self.feature_cache = None  # a vlmad.cache.FeatureCache, see attach_cache
+        self.feature_cache = None  # a vlmad.backbones.cache.FeatureCache, see attach_cache
         self.text_cache = TextFeatureCache()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AnomalyMethod:
@@ -68,6 +70,8 @@ class AnomalyMethod(nn.Module):
 
     def attach_cache(self, cache: object | None) -> None:
         """Encode images through ``cache`` (a FeatureCache); a disk cache also keeps the text prototypes."""
+        if cache is not None and not self.cacheable:
+            raise ValueError(f"{type(self).__name__}'s image features depend on learned parameters: no feature cache")
         self.feature_cache = cache
         directory = getattr(cache, "directory", None)
         if directory is not None:
@@ -92,8 +96,40 @@ class AnomalyMethod(nn.Module):
         """
 
     def forward(self, images: Tensor, class_names: list[str]) -> Prediction:
-        """Score a batch of (B, 3, S, S) CLIP-normalised images of the given classes."""
-        raise NotImplementedError
+        """Score a batch of (B, 3, S, S) normalised images of the given classes (eval path).
+
+        Per-image methods implement :meth:`class_constants` and :meth:`score`; this groups the batch by class so
+        the same code serves mixed batches, the single-class batches of evaluation and the exported graph.
+        """
+        names = list(class_names) if len(class_names) == len(images) else [class_names[0]] * len(images)
+        if len(set(names)) == 1:
+            return self.score(images, self.class_constants(names[0]))
+        scores, maps = images.new_empty(len(images)), None
+        for name in dict.fromkeys(names):
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=images.device)
+            pred = self.score(images[index], self.class_constants(name))
+            maps = pred.anomaly_map.new_empty(len(images), *pred.anomaly_map.shape[1:]) if maps is None else maps
+            scores = scores.to(pred.pred_score.dtype)
+            scores[index], maps[index] = pred.pred_score, pred.anomaly_map
+        return Prediction(scores, maps)
+
+    def class_constants(self, class_name: str) -> dict[str, Tensor]:
+        """What scoring one class needs that does not depend on the image: text prototypes, few-shot memories,
+        learned-prompt text features, PCA bases... (after :meth:`prepare`). They become buffers of
+        :meth:`for_class`, hence constants of an exported graph."""
+        return {}
+
+    def score(self, images: Tensor, constants: dict[str, Tensor]) -> Prediction:
+        """The eval forward for (B, 3, S, S) images of one class, given its :meth:`class_constants`.
+
+        Must be traceable with a dynamic batch axis: no Python loop over B, no data-dependent control flow,
+        no chunking whose count depends on B (export traces exactly this code; there is no second copy).
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither score nor forward")
+
+    def for_class(self, class_name: str) -> ClassView:
+        """This method's eval forward for one prepared class as an ``nn.Module`` (what export traces)."""
+        return ClassView(self, class_name)
 
     def accumulate(self, images: Tensor, class_names: list[str] | None = None) -> None:
         """Store what the category-level score needs for (B, 3, S, S) images, in order (transductive methods)."""
@@ -115,6 +151,15 @@ class AnomalyMethod(nn.Module):
         """Training losses for a batch dict (``image``, ``mask``, ``label``, ...)."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to train")
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the learned parameters: one group by default (the optimizer's settings);
+        a method may split them and set per-group options (``lr``, ...), as the reference's optimizer does."""
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        return [{"params": params}]
+
+    def before_optimizer_step(self) -> None:
+        """Called after backward, before each optimizer step (gradient clipping, skipping); nothing by default."""
+
     def hparams_for_checkpoint(self) -> dict:
         """Settings needed to check a checkpoint fits this method (shapes, backbone)."""
         return {"method": type(self).__name__, "backbone": self.backbone.model_name}
@@ -126,3 +171,23 @@ class AnomalyMethod(nn.Module):
     def learned_state(self) -> dict[str, Tensor]:
         """state_dict without the frozen backbone."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+
+class ClassView(nn.Module):
+    """``method.score`` for one class with its constants held as buffers: ``images -> (scores, maps)``.
+
+    Exported graphs are traced from this view, so export runs the very code evaluation runs.
+    """
+
+    def __init__(self, method: AnomalyMethod, class_name: str) -> None:
+        super().__init__()
+        self.method, self.class_name = method, class_name
+        self.names = []
+        for name, value in method.class_constants(class_name).items():
+            self.register_buffer(name, value.detach().clone())
+            self.names.append(name)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 3, S, S) -> scores (B,), maps (B, S, S)."""
+        pred = self.method.score(images, {name: getattr(self, name) for name in self.names})
+        return pred.pred_score, pred.anomaly_map

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import autocast_off
+from vlmad.methods.ops import autocast_off
 
 PROTOCOL = "transductive zero-shot (mutual scoring over each category's unlabelled test images)"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from vlmad.backbones import ClipBackbone
 from vlmad.methods.base import AnomalyMethod, Prediction
-from vlmad.ops import autocast_off, fp32, gaussian_blur, min_cosine_distance
-from vlmad.prompts import PromptSet, get_prompt_set
+from vlmad.methods.ops import autocast_off, fp32, gaussian_blur, min_cosine_distance
+from vlmad.methods.prompts import PromptSet, get_prompt_set
 
 IMAGE_SCORES = ("text", "map_max")
 HARMONIC_ON = ("anomaly", "normality")

@@ -1,7 +1,7 @@
 """Anomaly-detection metrics: AUROC, AP, F1-max, AUPRO (official and legacy) and result tables.
 
 Names are imported lazily (PEP 562): the tables (``vlmad.metrics.table``) read and write CSVs without torch, so
-``python -m vlmad.report`` never imports it.
+``vlmad report`` never imports it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run provenance (``run.json``) and sweep reports: ``python -m vlmad.report DIR [--per-category]``.
+"""Run provenance (``run.json``) and sweep reports: ``vlmad report DIR [--per-category]``.
 
 Every run writes ``run.json`` beside its ``metrics.csv``. The report walks DIR recursively, groups the finished
 runs by their setting (method, eval set, k_shot, backbone, ... — everything but the seed), prints mean ± std over
@@ -27,29 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from vlmad.config import target_name
 from vlmad.io import atomic_write, atomic_write_json
 from vlmad.metrics.table import MEAN_ROW, read_csv, render_table
-from vlmad.published import PUBLISHED, lookup
+from vlmad.metrics.published import PUBLISHED, lookup
+from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns, natural_key
 
 RUN_JSON = "run.json"
-GROUP_FIELDS = (
-    "experiment",
-    "method",
-    "eval_set",
-    "eval_root",
-    "eval_categories",
-    "fit_set",
-    "fit_root",
-    "max_epochs",
-    "k_shot",
-    "backbone",
-    "pretrained",
-    "image_size",
-    "pixel_size",
-    "mask_resize",
-    "aupro_mode",
-    "published",
-    "extra",
-)
-ALWAYS_SHOWN = ("method", "eval_set", "k_shot")
 # overrides left out of the `extra` group field: the seed is what we average over, some do not change the numbers,
 # the rest are already group fields of their own (method, data, backbone, ...)
 _NOT_A_SETTING = (
@@ -145,12 +126,6 @@ def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, A
 def write_run_json(out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Atomically write ``run.json`` into ``out_dir``."""
     return atomic_write_json(Path(out_dir) / RUN_JSON, info)
-
-
-def natural_key(value: Any) -> tuple:
-    """Sort key putting ``k_shot`` 2 before 10 and ``2_seed=1`` before ``10_seed=0``: digit runs compare as numbers."""
-    parts = re.split(r"(\d+(?:\.\d+)?)", "" if value is None else str(value))
-    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts) if p)
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -250,29 +225,11 @@ def aggregate(runs: list[dict[str, Any]], per_category: bool = False, ddof: int 
     return out
 
 
-def _cell(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "" if column.endswith("(paper)") else "n/a"
-    if not isinstance(value, float):
-        return str(value)
-    std = row.get(column.replace(" (paper)", "_std (paper)") if column.endswith("(paper)") else f"{column}_std")
-    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None and not math.isnan(std) else "")
-
-
-def _display_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """(group columns worth showing: always-shown ones and those that vary, metric columns)."""
-    varying = [f for f in GROUP_FIELDS if f in ALWAYS_SHOWN or len({str(r.get(f)) for r in rows}) > 1]
-    metrics = [k for k in dict.fromkeys(k for r in rows for k in r) if isinstance(k, str)]
-    metrics = [k for k in metrics if k not in GROUP_FIELDS and k not in ("category", "n", "seeds")]
-    return [*varying, "category", "n"], [k for k in metrics if "_std" not in k]
-
-
 def format_report(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """The aggregated rows as a fixed-width text table or a markdown table (percent, mean ± std)."""
-    group_cols, metric_cols = _display_columns(rows)
+    group_cols, metric_cols = display_columns(rows)
     columns = [*group_cols, *metric_cols]
-    cells = [[_cell(r, c) for c in columns] for r in rows]
+    cells = [[cell(r, c) for c in columns] for r in rows]
     return render_table(columns, cells, markdown=markdown, n_left=len(group_cols))
 
 
@@ -308,14 +265,14 @@ def report(root: str | os.PathLike, per_category: bool = False, ddof: int = 0) -
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: ``python -m vlmad.report DIR [--per-category] [--ddof 1]``."""
+    """CLI: ``vlmad report DIR [--per-category] [--ddof 1]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="a sweep directory (multirun/...), a comparison or any folder of runs")
     parser.add_argument("--per-category", action="store_true", help="one row per category, not only the mean")
     parser.add_argument("--ddof", type=int, default=0, help="std degrees of freedom (0: numpy default)")
     args = parser.parse_args(argv)
     result = report(args.dir, per_category=args.per_category, ddof=args.ddof)
-    from vlmad.html_report import write_sweep_report
+    from vlmad.outputs.html import write_sweep_report
 
     print(f"report written to {write_sweep_report(args.dir, result)}", flush=True)
     return result

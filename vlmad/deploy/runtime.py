@@ -4,7 +4,7 @@
     model = deploy.load("exports/bottle", backend="onnx")       # or "openvino"
     result = model.predict_files(["a.png", "b.png"])            # scores, maps, OK/NG at the stored thresholds
 
-The folder is what ``python -m vlmad.export`` writes: the model file(s) and ``vlmad_model.json``. Images are
+The folder is what ``vlmad export`` writes: the model file(s) and ``vlmad_model.json``. Images are
 preprocessed exactly as training and evaluation do (``vlmad.data.transforms.Preprocess`` with the squash
 resize): RGB, PIL bicubic resize to S x S, [0, 1], CLIP mean/std. This module must never import torch.
 """
@@ -173,7 +173,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DeployError(
-            f"cannot read {path}: {err} (is {folder} a folder written by python -m vlmad.export?)"
+            f"cannot read {path}: {err} (is {folder} a folder written by vlmad export?)"
         ) from err
     missing = [k for k in ("preprocess", "files", "inputs", "outputs") if k not in info]
     if missing:
@@ -187,7 +187,7 @@ def load(folder: str | Path, backend: str = "onnx", threads: int | None = None) 
 
 
 def calibrate(model: DeployedModel, batches: Iterable[np.ndarray], quantile: float) -> dict[str, Any]:
-    """Thresholds from NORMAL images, as ``vlmad.predict.calibrate_threshold`` (``higher`` quantile).
+    """Thresholds from NORMAL images, as ``vlmad.outputs.predictions.calibrate_threshold`` (``higher`` quantile).
 
     Args:
         model: a loaded export.

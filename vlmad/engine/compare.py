@@ -1,6 +1,6 @@
 """Comparison driver: several member runs on one target set, merged into one side-by-side table.
 
-``python -m vlmad.compare data.root=<visa> test_data.root=<mvtec>`` (its own entry point, not a Hydra app:
+``vlmad compare data.root=<visa> test_data.root=<mvtec>`` (its own entry point, not a Hydra app:
 ``experiment=comparison`` by default, any experiment with a ``comparison`` node, e.g. ``experiment=demo``).
 Each member of ``comparison.members`` is composed with
 `vlmad.config.compose` from its own overrides plus the comparison's command-line overrides (so ``backbone=tiny``
@@ -21,9 +21,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlmad.config import target_name
+from vlmad.metrics.published import lookup
 from vlmad.metrics.table import MEAN_ROW, format_markdown, format_table, render_table
-from vlmad.published import lookup
-from vlmad.report import run_info, write_run_json
+from vlmad.outputs.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         the wide table ({category: {"<metric>/<member label>": fraction}}) and
         {"members": {label: per-category metrics}, "failed": {name: error}}.
     """
-    from vlmad.run import evaluate, train
+    from vlmad.engine.run import evaluate, train
 
     # resolve everything first: composing a member replaces the global HydraConfig that ${hydra:...} reads
     hydra, out = _hydra(cfg), Path(cfg.paths.output_dir)
@@ -218,7 +218,7 @@ def compose_comparison(overrides: list[str]) -> DictConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vlmad.compare [overrides...]``: run a comparison (a user error: one line, exit code 2)."""
+    """``vlmad compare [overrides...]``: run a comparison (a user error: one line, exit code 2)."""
     import sys
 
     from vlmad.errors import exit_on_user_error

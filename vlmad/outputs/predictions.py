@@ -1,7 +1,7 @@
 """Per-image results of an evaluation: ``predictions.csv`` rows, per-category thresholds and heatmap panels.
 
 The module collects scalars for every test image and the maps of the few images a panel may show (see
-`vlmad.viz.keep_set`); panels are drawn when the category ends, on the category's own colour scale.
+`vlmad.outputs.heatmaps.keep_set`); panels are drawn when the category ends, on the category's own colour scale.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from vlmad.data.records import DataError, Reader, Record
-from vlmad.viz import (
+from vlmad.errors import VlmadError
+from vlmad.outputs.heatmaps import (
     PANEL_REASONS,
     colour_scale,
     denormalize_image,
@@ -29,6 +31,49 @@ from vlmad.viz import (
     save_png,
     select_panels,
 )
+
+
+
+class ThresholdError(VlmadError, ValueError):
+    """A threshold that cannot be computed or read (bad quantile, no normal images, unreadable file)."""
+
+
+def calibrate_threshold(
+    method: AnomalyMethod, images: Tensor | Iterable[Tensor], quantile: float, class_name: str = "object"
+) -> dict[str, Any]:
+    """Thresholds = the ``quantile`` of the image scores / pixel scores of NORMAL images.
+
+    The quantile is taken with ``higher`` interpolation, so a threshold is an observed normal score and at
+    most a fraction 1 - q (+ 1/n rounding) of the normal images score above it.
+
+    Args:
+        method: a method already ``prepare``-d for ``class_name``.
+        images: (N, 3, S, S) preprocessed normal images, or an iterable of (B, 3, S, S) batches.
+        quantile: in (0, 1].
+        class_name: object name passed to the method.
+
+    Returns:
+        image_threshold, pixel_threshold, quantile, n_normal_images.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ThresholdError(f"threshold.calibration.quantile must be in (0, 1], got {quantile}")
+    batches = [images] if isinstance(images, Tensor) else images
+    scores, maps = [], []
+    with torch.inference_mode():
+        for batch in batches:
+            pred = method(batch.to(next(method.parameters()).device), [class_name] * batch.shape[0])
+            scores.append(pred.pred_score.float().cpu().numpy())
+            maps.append(pred.anomaly_map.float().cpu().numpy().ravel())
+    if not scores:
+        raise ThresholdError("no normal images to calibrate on")
+    all_scores = np.concatenate(scores)
+    return {
+        "image_threshold": float(np.quantile(all_scores, quantile, method="higher")),
+        "pixel_threshold": float(np.quantile(np.concatenate(maps), quantile, method="higher")),
+        "quantile": float(quantile),
+        "n_normal_images": len(all_scores),
+    }
+
 
 PREDICTION_COLUMNS = (
     "path",
@@ -57,7 +102,7 @@ def normal_training_records(
 ) -> list[Record]:
     """The category's normal training images (``train/good``) minus the few-shot references, first ``max_images``.
 
-    References are left out as in ``vlmad.predict``: they score ~0 against themselves and would pull the
+    References are left out as in ``vlmad.deploy.predict``: they score ~0 against themselves and would pull the
     threshold down. Never test images: thresholds must not see the test labels.
     """
     try:
@@ -175,7 +220,7 @@ class CategoryOutputs:
     def save_panels(
         self, dataset: Any, folder: Path, mean: Sequence[float], std: Sequence[float], threshold: dict[str, Any]
     ) -> list[Path]:
-        """Draw and save the chosen panels (`vlmad.viz.select_panels`) as ``NN_<reason>_<defect>_<stem>.png``.
+        """Draw and save the chosen panels (`vlmad.outputs.heatmaps.select_panels`) as ``NN_<reason>_<defect>_<stem>.png``.
 
         Args:
             dataset: the category's test dataset (same order as the loader): images are read back for the panels.

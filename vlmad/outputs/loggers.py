@@ -88,7 +88,7 @@ def log_test_report(
     ``<category>: <name without its index>``).
 
     Args:
-        results: {category | "mean": {metric: value}}, as ``vlmad.run`` writes to ``metrics.csv``.
+        results: {category | "mean": {metric: value}}, as ``vlmad.engine.run`` writes to ``metrics.csv``.
         title: the report's title line, stored in the run summary as ``test/title``.
         panels: {category: panel files} of this run, or the ``heatmaps`` folder they were written to
             (``<folder>/<category>/*.png``); None logs no images.

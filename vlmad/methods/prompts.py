@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmad.backbones import ClipBackbone
-from vlmad.cache import load_entry, save_entry
+from vlmad.backbones.cache import load_entry, save_entry
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmad.cache import FeatureCache
-from vlmad.checkpoint import check_checkpoint_fits, checkpoint_entry
+from vlmad.backbones.cache import FeatureCache
+from vlmad.engine.checkpoint import check_checkpoint_fits, checkpoint_entry
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
 from vlmad.metrics.table import write_csv
-from vlmad.outputs import CategoryOutputs, no_threshold, normal_training_records, write_predictions, write_thresholds
+from vlmad.outputs.predictions import (
+    CategoryOutputs,
+    no_threshold,
+    normal_training_records,
+    write_predictions,
+    write_thresholds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +43,10 @@ class AnomalyModule(L.LightningModule):
         output_dir: where heatmap panels (``heatmaps/<category>/``), ``predictions.csv``, ``thresholds.json`` and
             reference lists are written.
         num_overlays: panels saved per category (0 disables): the worst false positive and negative, the top image
-            of each defect type, then more FP / FN (``vlmad.viz.select_panels``).
+            of each defect type, then more FP / FN (``vlmad.outputs.heatmaps.select_panels``).
         save_all_overlays: a panel for every test image instead.
         threshold: ``calibrate`` (score the category's normal training images, references excluded, for an OK / NG
-            decision per image), ``quantile`` (as ``vlmad.predict``), ``max_images`` (first N of train/good; None: all).
+            decision per image), ``quantile`` (as predict), ``max_images`` (first N of train/good; None: all).
         feature_cache: frozen image-side features reused across epochs and runs: None, ``memory`` or a
             directory (a disk cache shared by the jobs of a sweep).
     """
@@ -73,6 +79,9 @@ class AnomalyModule(L.LightningModule):
         self.predictions: dict[str, list[dict]] = {}  # category -> per-image rows (scalars only)
         self.thresholds: dict[str, dict] = {}
         self._outputs: CategoryOutputs | None = None
+        if feature_cache is not None and not method.cacheable:
+            log.info("module.feature_cache ignored: %s has no frozen image features to cache", type(method).__name__)
+            feature_cache = None
         self.feature_cache = FeatureCache.from_setting(feature_cache)
         method.attach_cache(self.feature_cache)  # the method encodes images through it (train and test)
         self.strict_loading = False  # the frozen backbone is never in a checkpoint
@@ -82,11 +91,11 @@ class AnomalyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> Any:
-        """Adam etc. over the method's trainable parameters only (None for training-free methods)."""
-        params = [p for n, p in self.method.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-        if self.optimizer_factory is None or not params:
+        """Adam etc. over the method's parameter groups (``method.param_groups``; None for training-free methods)."""
+        groups = [g for g in self.method.param_groups() if g["params"]]
+        if self.optimizer_factory is None or not groups:
             return None
-        optimizer = self.optimizer_factory(params=params)
+        optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer=optimizer)}
@@ -99,6 +108,10 @@ class AnomalyModule(L.LightningModule):
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs, on_epoch=True)
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """The method's own gradient handling (e.g. VisualAD's per-token clipping), on unscaled gradients."""
+        self.method.before_optimizer_step()
 
     def on_train_epoch_end(self) -> None:
         """Report the feature cache (hits, misses, size) once per epoch."""
@@ -255,7 +268,7 @@ class AnomalyModule(L.LightningModule):
         """Image / pixel thresholds of a category from its normal TRAINING images only (never the test labels)."""
         from torch.utils.data import DataLoader
 
-        from vlmad.predict import calibrate_threshold
+        from vlmad.outputs.predictions import calibrate_threshold
 
         if self.method.transductive:
             return no_threshold(

@@ -1,4 +1,4 @@
-"""Export a prepared method to ONNX / OpenVINO: ``python -m vlmad.export method=... class_name=... format=onnx``.
+"""Export a prepared method to ONNX / OpenVINO: ``vlmad export method=... class_name=... format=onnx``.
 
 The exported graph takes a batch of CLIP-normalised images (dynamic batch axis) and returns the image scores
 (B,) and the anomaly maps (B, S, S) of ``method.forward``. Everything that does not depend on the image (text
@@ -35,8 +35,8 @@ from vlmad.errors import VlmadError, exit_on_user_error
 from vlmad.methods.anomalyclip import AnomalyCLIP
 from vlmad.methods.aprilgan import AprilGAN
 from vlmad.methods.base import AnomalyMethod
+from vlmad.methods.ops import gaussian_blur, scaled_sigma
 from vlmad.methods.winclip import WinCLIP
-from vlmad.ops import gaussian_blur, scaled_sigma
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ExportError(VlmadError, ValueError):
 
 
 def _nearest_memory(queries: Tensor, memory: Tensor) -> Tensor:
-    """min over memory of (1 - cos), as ``vlmad.ops.min_cosine_distance`` without its Python chunk loop.
+    """min over memory of (1 - cos), as ``vlmad.methods.ops.min_cosine_distance`` without its Python chunk loop.
 
     Args:
         queries: (B, N, C).
@@ -203,7 +203,7 @@ def export_graph(method: AnomalyMethod, class_name: str) -> nn.Module:
         hint = " or method.image_fusion=fixed (a per-image k-shot score)" if isinstance(method, AprilGAN) else ""
         raise ExportError(
             f"{type(method).__name__} is transductive here (it scores a category's images together), so it has no "
-            f"per-image graph to export: score it with python -m vlmad.predict (torch backend){hint}."
+            f"per-image graph to export: score it with vlmad predict (torch backend){hint}."
         )
     method = method.eval()
     if isinstance(method, WinCLIP):
@@ -328,8 +328,8 @@ def manifest(
 
 # ------------------------------------------------------------------ command
 def _threshold(cfg: DictConfig, method: AnomalyMethod, preprocess: Any, references: list[Path]) -> dict | None:
-    """Thresholds as ``vlmad.predict`` resolves them; None (with a warning) when no source is given."""
-    from vlmad.predict import resolve_threshold
+    """Thresholds as ``vlmad.deploy.predict`` resolves them; None (with a warning) when no source is given."""
+    from vlmad.deploy.predict import resolve_threshold
 
     t = cfg.threshold
     beside = cfg.get("ckpt_path") and Path(f"{cfg.ckpt_path}.threshold.json").exists()
@@ -343,12 +343,12 @@ def _threshold(cfg: DictConfig, method: AnomalyMethod, preprocess: Any, referenc
 
 
 def export(cfg: DictConfig) -> Path:
-    """Build and prepare the method as ``vlmad.predict`` does, then write the export folder.
+    """Build and prepare the method as ``vlmad.deploy.predict`` does, then write the export folder.
 
     Returns:
         the folder holding ``vlmad_model.json`` and the model file(s).
     """
-    from vlmad.predict import build_method, load_references
+    from vlmad.deploy.predict import build_method, load_references
 
     if cfg.format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {cfg.format!r}")
@@ -387,7 +387,7 @@ def export(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    """Entry point of ``python -m vlmad.export``."""
+    """Entry point of ``vlmad export``."""
     export(cfg)
 
 

@@ -15,19 +15,19 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vlmad.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
 from vlmad.config import target_name  # (importing vlmad.config registers the resolvers that conf/hydra uses)
 from vlmad.data import validate_data
+from vlmad.engine.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
 from vlmad.errors import ConfigError, in_multirun, one_line
-from vlmad.loggers import finish_wandb, log_test_report
 from vlmad.logs import to_log_file
 from vlmad.metrics.table import format_table, write_csv
-from vlmad.report import run_info, write_run_json
+from vlmad.outputs.loggers import finish_wandb, log_test_report
+from vlmad.outputs.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
 
 COMPARISON_HINT = (
-    "a comparison runs several methods: `python -m vlmad.compare experiment=<comparison|demo> ...` "
+    "a comparison runs several methods: `vlmad compare experiment=<comparison|demo> ...` "
     "({script} runs one method)"
 )
 
@@ -50,7 +50,7 @@ def _resolved_without_hydra(cfg: DictConfig) -> dict:
 
 
 def _loggers(cfg: DictConfig) -> list:
-    # W&B runs start lazily (first log_hyperparams in build), in the mode vlmad.loggers.wandb_mode picks
+    # W&B runs start lazily (first log_hyperparams in build), in the mode vlmad.outputs.loggers.wandb_mode picks
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
 
 
@@ -118,7 +118,7 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "metrics.csv", results)
     protocol = _protocol(cfg)
-    # provenance for vlmad.report (sweeps, comparisons); transductive results carry their protocol everywhere
+    # provenance for vlmad.outputs.report (sweeps, comparisons); transductive results carry their protocol everywhere
     write_run_json(out, {**run_info(cfg, status="done"), "protocol": protocol})
     table = format_table(results, title=title)
     print(table, flush=True)
@@ -126,7 +126,7 @@ def _report(cfg: DictConfig, results: dict[str, dict[str, float]], title: str) -
     log.info("metrics written to %s", out / "metrics.csv")
     # per-category table (from memory) and this run's heatmap panels to the active W&B run, if any
     log_test_report(results, title, out / "heatmaps", protocol=protocol)
-    from vlmad.html_report import write_run_report
+    from vlmad.outputs.html import write_run_report
 
     log.info("report written to %s", write_run_report(out))  # table, curves, heatmaps: one self-contained file
 

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from vlmad.metrics.names import METRIC_NAMES
+from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns
 from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
-from vlmad.published import PUBLISHED, lookup
+from vlmad.metrics.published import PUBLISHED, lookup
 
 REPORT = "report.html"
 SHOWN = (*METRIC_NAMES, "pixel_aupro_legacy")
@@ -297,14 +298,12 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------------------------- sweep page
 def _sweep_table(rows: list[dict[str, Any]]) -> str:
-    from vlmad.report import _cell, _display_columns
-
-    group_cols, metric_cols = _display_columns(rows)
+    group_cols, metric_cols = display_columns(rows)
     head = "".join(f"<th>{_esc(c)}</th>" for c in [*group_cols, *metric_cols, "flags"])
     out = [f"<table><tr>{head}</tr>"]
     for row in rows:
         texts = flags(row.get("pretrained"), row.get("eval_categories"), row.get("published"))
-        cells = "".join(f"<td>{_esc(_cell(row, c))}</td>" for c in [*group_cols, *metric_cols])
+        cells = "".join(f"<td>{_esc(cell(row, c))}</td>" for c in [*group_cols, *metric_cols])
         paper = any(c.endswith("(paper)") and row.get(c) is not None for c in metric_cols)
         cls = ' class="mean"' if row.get("category") == MEAN_ROW else ""
         out.append(f"<tr{cls}>{cells}<td>{_flag_html(texts) if paper or texts else ''}</td></tr>")
@@ -317,8 +316,6 @@ def kshot_series(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[t
     Returns:
         [(group label, {metric: [(k, mean, std), ...] sorted by k})].
     """
-    from vlmad.report import GROUP_FIELDS
-
     fields = [f for f in GROUP_FIELDS if f not in ("k_shot", "published")]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in (r for r in rows if r.get("category") == MEAN_ROW):
@@ -360,7 +357,7 @@ def write_sweep_report(root: str | os.PathLike, result: dict[str, Any]) -> Path:
 
     Args:
         root: the sweep folder.
-        result: what ``vlmad.report.report`` returns (``rows``, ``runs``, ``failed``).
+        result: what ``vlmad.outputs.report.report`` returns (``rows``, ``runs``, ``failed``).
 
     Returns:
         The report's path.

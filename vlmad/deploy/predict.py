@@ -1,11 +1,11 @@
-"""Predict on new images: ``python -m vlmad.predict method=winclip input=img_or_folder class_name=bottle ...``.
+"""Predict on new images: ``vlmad predict method=winclip input=img_or_folder class_name=bottle ...``.
 
 Writes into the run directory, per image, ``<stem>_overlay.png`` (image | heatmap | predicted mask) and
 ``<stem>_mask.png`` (0/255 at the pixel threshold), plus ``predictions.csv``, ``threshold.json`` and
 ``skipped.txt`` (unreadable or unsupported files, with the reason). Thresholds come from normal images only:
 given (``threshold.value``), loaded (``threshold.file`` or ``<ckpt_path>.threshold.json``) or calibrated as
 a quantile of the scores of a folder of normal images (``threshold.calibration.dir``). ``backend=onnx|openvino
-model=DIR`` scores with a folder written by ``python -m vlmad.export`` (:mod:`vlmad.deploy`) instead of torch.
+model=DIR`` scores with a folder written by ``vlmad export`` (:mod:`vlmad.deploy`) instead of torch.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from vlmad.checkpoint import load_method_weights
 from vlmad.config import CONF_DIR as CONF
 from vlmad.data import Preprocess, load_image
-from vlmad.errors import VlmadError, exit_on_user_error
+from vlmad.engine.checkpoint import load_method_weights
+from vlmad.errors import exit_on_user_error
 from vlmad.io import atomic_write_json
 from vlmad.methods.base import AnomalyMethod
-from vlmad.viz import denormalize_image, overlay_panel, save_png
+from vlmad.outputs.heatmaps import denormalize_image, overlay_panel, save_png
+from vlmad.outputs.predictions import ThresholdError, calibrate_threshold
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ NO_THRESHOLD = (
 )
 
 
-class PredictError(VlmadError, ValueError):
+class PredictError(ThresholdError):
     """Bad prediction input or threshold settings."""
 
 
@@ -123,7 +124,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
-    """Backbone -> method as ``vlmad.run.build`` does, plus checkpoint weights and the matching preprocessing."""
+    """Backbone -> method as ``vlmad.engine.run.build`` does, plus checkpoint weights and the matching preprocessing."""
     # the seeds Lightning's seed_everything sets in run.build (a random backbone is the same), without Lightning
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -143,7 +144,7 @@ def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
             "predicting with %s without ckpt_path: its learned parts are at their initial values", type(method).__name__
         )
     method = method.to(resolve_device(cfg.get("device", "auto"))).eval()
-    return method, Preprocess(**backbone.preprocess_config())  # the datamodule's source too (vlmad.run.build)
+    return method, Preprocess(**backbone.preprocess_config())  # the datamodule's source too (vlmad.engine.run.build)
 
 
 def _device(method: AnomalyMethod) -> torch.device:
@@ -151,43 +152,6 @@ def _device(method: AnomalyMethod) -> torch.device:
 
 
 # ------------------------------------------------------------------ thresholds
-def calibrate_threshold(
-    method: AnomalyMethod, images: Tensor | Iterable[Tensor], quantile: float, class_name: str = "object"
-) -> dict[str, Any]:
-    """Thresholds = the ``quantile`` of the image scores / pixel scores of NORMAL images.
-
-    The quantile is taken with ``higher`` interpolation, so a threshold is an observed normal score and at
-    most a fraction 1 - q (+ 1/n rounding) of the normal images score above it.
-
-    Args:
-        method: a method already ``prepare``-d for ``class_name``.
-        images: (N, 3, S, S) preprocessed normal images, or an iterable of (B, 3, S, S) batches.
-        quantile: in (0, 1].
-        class_name: object name passed to the method.
-
-    Returns:
-        image_threshold, pixel_threshold, quantile, n_normal_images.
-    """
-    if not 0.0 < quantile <= 1.0:
-        raise PredictError(f"threshold.calibration.quantile must be in (0, 1], got {quantile}")
-    batches = [images] if isinstance(images, Tensor) else images
-    scores, maps = [], []
-    with torch.inference_mode():
-        for batch in batches:
-            pred = method(batch.to(_device(method)), [class_name] * batch.shape[0])
-            scores.append(pred.pred_score.float().cpu().numpy())
-            maps.append(pred.anomaly_map.float().cpu().numpy().ravel())
-    if not scores:
-        raise PredictError("no normal images to calibrate on")
-    all_scores = np.concatenate(scores)
-    return {
-        "image_threshold": float(np.quantile(all_scores, quantile, method="higher")),
-        "pixel_threshold": float(np.quantile(np.concatenate(maps), quantile, method="higher")),
-        "quantile": float(quantile),
-        "n_normal_images": len(all_scores),
-    }
-
-
 def _read_threshold(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
@@ -305,7 +269,7 @@ def load_exported(cfg: DictConfig) -> tuple[Callable[[Tensor], tuple[Tensor, Ten
 
     if cfg.backend not in deploy.BACKENDS or not cfg.get("model"):
         raise PredictError(
-            f"backend={cfg.backend} needs backend=onnx|openvino and model=<folder written by python -m vlmad.export>"
+            f"backend={cfg.backend} needs backend=onnx|openvino and model=<folder written by vlmad export>"
         )
     model = deploy.load(cfg.model, cfg.backend)
     preprocess = Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
@@ -431,7 +395,7 @@ def _write_reports(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[Pa
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="predict")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    """Entry point of ``python -m vlmad.predict``."""
+    """Entry point of ``vlmad predict``."""
     predict(cfg)
 
 

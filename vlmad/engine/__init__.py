@@ -1,0 +1,1 @@
+"""Engine layer: the Lightning/Hydra wiring (run, the one LightningModule, checkpoints, comparisons)."""

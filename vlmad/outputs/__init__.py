@@ -1,0 +1,1 @@
+"""Outputs layer: predictions and thresholds, heatmap panels, run and sweep reports (CSV, markdown, HTML), loggers."""
