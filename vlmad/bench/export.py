@@ -9,7 +9,6 @@ the same number of CPU threads, and calls alternate so that load from other proc
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 import warnings
@@ -21,7 +20,7 @@ import torch
 from vlmad import deploy
 from vlmad.backbones import ClipBackbone
 from vlmad.bench.anomalyclip import interleaved_seconds
-from vlmad.deploy.export import MANIFEST, ONNX_FILE, OPENVINO_FILE, export_graph, export_onnx, export_openvino
+from vlmad.deploy.export import ONNX_FILE, OPENVINO_FILE, export_graph, export_onnx, export_openvino
 from vlmad.methods.anomalyclip import AnomalyCLIP
 from vlmad.methods.aprilgan import AprilGAN
 from vlmad.methods.base import AnomalyMethod
@@ -85,12 +84,10 @@ def run(
             export_openvino(folder / ONNX_FILE, folder / OPENVINO_FILE)
             export_s = time.perf_counter() - start
             info = {
-                "preprocess": {"image_size": size, "mean": [0.0] * 3, "std": [1.0] * 3},
+                **deploy.basic_manifest(size, [0.0] * 3, [1.0] * 3),
                 "files": {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE},
-                "inputs": [],
-                "outputs": [],
             }
-            (folder / MANIFEST).write_text(json.dumps(info))
+            deploy.write_manifest(folder, info)
             onnx, openvino = (deploy.load(folder, b, threads=threads) for b in ("onnx", "openvino"))
             images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(0))
 

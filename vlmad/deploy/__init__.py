@@ -1,7 +1,8 @@
 """Deploy layer: export (torch), the torch-free runtime, predict.
 
 ``from vlmad import deploy`` is the runtime's public API (numpy + PIL + onnxruntime/openvino, never torch):
-``deploy.load``, ``DeployedModel``, ``Result``, ``DeployError``. The export and predict commands live in
+``deploy.load``, ``DeployedModel``, ``Result``, ``DeployError``; ``read_manifest`` / ``write_manifest`` (validated,
+sha256-checked ``vlmad_model.json``). The export and predict commands live in
 :mod:`vlmad.deploy.export` and :mod:`vlmad.deploy.predict` and are imported only when used.
 """
 
@@ -11,11 +12,16 @@ from vlmad.deploy.runtime import (
     DeployedModel,
     DeployError,
     Result,
+    basic_manifest,
     calibrate,
     load,
     load_image,
     preprocess,
     read_manifest,
+    resize_map,
+    sha256_file,
+    validate_manifest,
+    write_manifest,
 )
 
 __all__ = [
@@ -24,9 +30,14 @@ __all__ = [
     "DeployError",
     "DeployedModel",
     "Result",
+    "basic_manifest",
     "calibrate",
     "load",
     "load_image",
     "preprocess",
     "read_manifest",
+    "resize_map",
+    "sha256_file",
+    "validate_manifest",
+    "write_manifest",
 ]

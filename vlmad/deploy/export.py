@@ -12,13 +12,14 @@ are refused: they are not a per-image function.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import tempfile
+import os
+import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -280,11 +281,18 @@ def _sha256(path: str | Path) -> str:
 def manifest(
     cfg: DictConfig, method: AnomalyMethod, references: list[Path], threshold: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Everything a runtime needs and a reader wants to know about an export (``vlmad_model.json``)."""
+    """Everything a runtime needs and a reader wants to know about an export (``vlmad_model.json``).
+
+    The runtime's part (preprocessing, thresholds, input/output names) is :func:`vlmad.deploy.basic_manifest`;
+    :func:`vlmad.deploy.write_manifest` adds the model files' sha256 and the manifest checksum.
+    """
+    from vlmad.deploy.runtime import basic_manifest
+
     backbone, size = method.backbone, method.backbone.image_size
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    runtime = basic_manifest(size, backbone.mean, backbone.std)
     return {
-        "format_version": 1,
+        "format_version": runtime.pop("format_version"),
         "vlmad_version": vlmad.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "method": type(method).__name__,
@@ -304,23 +312,9 @@ def manifest(
         "class_name": cfg.class_name,
         "k_shot": method.k_shot,
         "references": [str(p.resolve()) for p in references],
-        "preprocess": {
-            "image_size": size,
-            "resize": "squash",
-            "interpolation": "bicubic",
-            "color": "RGB",
-            "scale": 1 / 255,
-            "mean": list(backbone.mean),
-            "std": list(backbone.std),
-        },
+        **runtime,
         "thresholds": threshold,
         "threshold_use": cfg.threshold.use,
-        "inputs": [{"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"}],
-        "outputs": [
-            {"name": OUTPUT_NAMES[0], "shape": ["batch"], "dtype": "float32"},
-            {"name": OUTPUT_NAMES[1], "shape": ["batch", size, size], "dtype": "float32"},
-        ],
-        "files": {},
         "torch_version": torch.__version__,
         "onnx_opset": OPSET,
     }
@@ -339,7 +333,50 @@ def _threshold(cfg: DictConfig, method: AnomalyMethod, preprocess: Any, referenc
             "is passed (threshold.value=... or threshold.calibration.dir=<normal images>)"
         )
         return None
-    return resolve_threshold(cfg, method, preprocess, references)
+    return resolve_threshold(cfg, method, preprocess, references, save_beside=False)  # only the export folder
+
+
+def _export_target(cfg: DictConfig) -> Path:
+    """The export folder: new, empty, or an earlier export (replaced whole); anything else is refused up front."""
+    from vlmad.deploy.runtime import MANIFEST as MANIFEST_NAME
+
+    target = (Path(cfg.output_dir) if cfg.output_dir else Path(cfg.paths.output_dir) / "model").absolute()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST_NAME).exists())):
+        raise ExportError(
+            f"output_dir {target} exists and is not an export folder (no {MANIFEST_NAME}): choose a new or empty "
+            "folder, or an earlier export to replace"
+        )
+    return target
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A hidden folder beside ``target`` that replaces it whole when the block succeeds.
+
+    On any error the staging folder (and any parent folder made for it) is removed: a failed export never mixes
+    with an earlier one in ``target`` and leaves no empty folder. The earlier export is moved aside, the new one
+    renamed into place, then the earlier one deleted.
+    """
+    made = next((p for p in [target.parent, *target.parent.parents][::-1] if not p.exists()), None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = target.with_name(f".{target.name}.export-{tag}")
+    staging.mkdir()
+    try:
+        yield staging
+        old = target.with_name(f".{target.name}.old-{tag}")
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        folder = target.parent
+        while made is not None and folder.is_relative_to(made):  # the parents made here, up to the first one
+            with suppress(OSError):
+                folder.rmdir()
+            folder = folder.parent
+        raise
 
 
 def export(cfg: DictConfig) -> Path:
@@ -349,11 +386,11 @@ def export(cfg: DictConfig) -> Path:
         the folder holding ``vlmad_model.json`` and the model file(s).
     """
     from vlmad.deploy.predict import build_method, load_references
+    from vlmad.deploy.runtime import write_manifest
 
     if cfg.format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {cfg.format!r}")
-    folder = Path(cfg.output_dir or cfg.paths.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    target = _export_target(cfg)
     method, preprocess = build_method(cfg)
     if getattr(method, "transductive", False):
         export_graph(method, cfg.class_name)  # raises the explanation before any reference is read
@@ -365,23 +402,26 @@ def export(cfg: DictConfig) -> Path:
     graph = export_graph(method, cfg.class_name)
     info = manifest(cfg, method, ref_paths, threshold)
     size = method.backbone.image_size
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = folder / ONNX_FILE if cfg.format != "openvino" else Path(tmp) / ONNX_FILE
+    with _staging(target) as folder:
+        onnx_path = folder / ONNX_FILE
         export_onnx(graph, onnx_path, size)
         if cfg.format != "openvino":
             info["files"]["onnx"] = ONNX_FILE
         if cfg.format != "onnx":
             export_openvino(onnx_path, folder / OPENVINO_FILE)
             info["files"]["openvino"] = OPENVINO_FILE
-    (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
-    info["export_check"] = check_export(graph.cpu(), folder, list(info["files"]), size)
-    (folder / MANIFEST).write_text(json.dumps(info, indent=2) + "\n")
+        if cfg.format == "openvino":
+            onnx_path.unlink()  # only the intermediate of the conversion
+        write_manifest(folder, info)
+        info["export_check"] = check_export(graph.cpu(), folder, list(info["files"]), size)
+        write_manifest(folder, info)
+    log.info("exported %s (%s) to %s", info["method"], ", ".join(info["files"].values()), target)
     print(
-        f"exported {info['method']} ({', '.join(info['files'].values())}) to {folder}; max |exported - torch| on a "
+        f"exported {info['method']} ({', '.join(info['files'].values())}) to {target}; max |exported - torch| on a "
         f"random batch: {info['export_check']}",
         flush=True,
     )
-    return folder
+    return target
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="export")

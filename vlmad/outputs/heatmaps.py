@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch-free at run time: vlmad predict with an exported model runs where torch is absent
+    from torch import Tensor
 
 # Anchors of matplotlib's "jet": dark blue -> blue -> cyan -> yellow -> red -> dark red.
 _JET_ANCHORS = np.array(
@@ -34,7 +37,7 @@ _JET_LUT = np.round(_JET_LUT * 255).astype(np.uint8)  # (256, 3)
 
 
 def _to_numpy(array: np.ndarray | Tensor) -> np.ndarray:
-    if isinstance(array, Tensor):
+    if hasattr(array, "detach"):  # a torch Tensor
         array = array.detach().float().cpu().numpy()
     return np.asarray(array)
 

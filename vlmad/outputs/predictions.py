@@ -7,19 +7,18 @@ The module collects scalars for every test image and the maps of the few images 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from vlmad.data.records import DataError, Reader, Record
 from vlmad.errors import VlmadError
+from vlmad.io import atomic_write
 from vlmad.outputs.heatmaps import (
     PANEL_REASONS,
     colour_scale,
@@ -32,6 +31,10 @@ from vlmad.outputs.heatmaps import (
     select_panels,
 )
 
+if TYPE_CHECKING:  # torch-free at import: vlmad predict with an exported model uses the columns and writers
+    from torch import Tensor
+
+    from vlmad.methods.base import AnomalyMethod
 
 
 class ThresholdError(VlmadError, ValueError):
@@ -57,7 +60,9 @@ def calibrate_threshold(
     """
     if not 0.0 < quantile <= 1.0:
         raise ThresholdError(f"threshold.calibration.quantile must be in (0, 1], got {quantile}")
-    batches = [images] if isinstance(images, Tensor) else images
+    import torch
+
+    batches = [images] if isinstance(images, torch.Tensor) else images
     scores, maps = [], []
     with torch.inference_mode():
         for batch in batches:
@@ -115,15 +120,15 @@ def normal_training_records(
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            write(handle)
-        os.replace(tmp, path)  # readers (and a crash) never see a half-written file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``vlmad.io.atomic_write`` of text: mode 0644 under the usual umask like every other output (mkstemp: 0600)."""
+
+    def write_text(raw: Any) -> None:
+        handle = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        write(handle)
+        handle.flush()
+        handle.detach()  # the binary file is closed by atomic_write
+
+    atomic_write(path, write_text)
 
 
 def write_predictions(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
@@ -220,7 +225,7 @@ class CategoryOutputs:
     def save_panels(
         self, dataset: Any, folder: Path, mean: Sequence[float], std: Sequence[float], threshold: dict[str, Any]
     ) -> list[Path]:
-        """Draw and save the chosen panels (`vlmad.outputs.heatmaps.select_panels`) as ``NN_<reason>_<defect>_<stem>.png``.
+        """Draw and save the chosen panels (`heatmaps.select_panels`) as ``NN_<reason>_<defect>_<stem>.png``.
 
         Args:
             dataset: the category's test dataset (same order as the loader): images are read back for the panels.
