@@ -173,12 +173,17 @@ def _save_beside_checkpoint(ckpt_path: str, data: dict[str, Any]) -> None:
 
 
 def resolve_threshold(
-    cfg: DictConfig, method: AnomalyMethod, preprocess: Preprocess, references: Iterable[Path] = ()
+    cfg: DictConfig,
+    method: AnomalyMethod,
+    preprocess: Preprocess,
+    references: Iterable[Path] = (),
+    save_beside: bool = True,
 ) -> dict[str, Any]:
     """Thresholds from ``threshold.value``, ``threshold.file``, calibration, or ``<ckpt>.threshold.json``.
 
     ``references`` (few-shot memory images) are left out of the calibration set: they score ~0 against
-    themselves and would pull the thresholds down.
+    themselves and would pull the thresholds down. ``save_beside``: a calibration with ``ckpt_path`` is also
+    saved as ``<ckpt>.threshold.json`` for later runs (export passes False: it writes only its own folder).
     """
     tcfg = cfg.threshold
     sources = {"value": tcfg.value, "file": tcfg.file, "calibration.dir": tcfg.calibration.dir}
@@ -206,7 +211,7 @@ def resolve_threshold(
             cfg.class_name,
         )
         data = {**data, **meta, "source": str(Path(tcfg.calibration.dir).resolve())}
-        if beside is not None:
+        if beside is not None and save_beside:
             _save_beside_checkpoint(str(cfg.ckpt_path), data)
         return data
     path = tcfg.file if tcfg.file is not None else (beside if beside is not None and beside.exists() else None)
