@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -85,8 +86,25 @@ def job_dirname(num: int | str, overrides: object, limit: int = 120) -> str:
 _PATH_KEYS = ("root", "dir", "path", "input", "references", "model", "output_dir", "data_dir", "feature_cache")
 
 
+def model_run_name(backend: str, model: str | None, default: str) -> str:
+    """A predict run's name: ``default`` (method-backbone) for torch; from the export's manifest otherwise.
+
+    An exported model's folder says what it holds (``anomalyclip-ViT-B-16-plus-240-onnx``), whatever the
+    (ignored) ``method=`` / ``backbone=`` defaults are; ``<backend>-<folder name>`` when the manifest is unreadable.
+    """
+    if backend == "torch" or not model:
+        return default
+    try:
+        info = json.loads((Path(model) / "vlmad_model.json").read_text())
+        name = f"{info['method']}-{info['backbone']['model_name']}".lower()
+    except (OSError, ValueError, KeyError, TypeError):
+        name = Path(model).name
+    return re.sub(r"[^\w.+-]", "_", f"{name}-{backend}")
+
+
 OmegaConf.register_new_resolver("stdout_is_tty", stdout_is_tty, replace=True)
 OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
+OmegaConf.register_new_resolver("model_run_name", model_run_name, replace=True)
 
 
 def compose(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:

@@ -204,7 +204,7 @@ def test_predict_backends_write_what_torch_writes(export_variant, tmp_path, tiny
         for r in torch_rows:
             for key in ("mask", "overlay"):
                 want = np.asarray(Image.open(r[key]), dtype=np.int16)
-                got = np.asarray(Image.open(tmp_path / backend / Path(r[key]).name), dtype=np.int16)
+                got = np.asarray(Image.open(tmp_path / backend / Path(r[key]).relative_to(tmp_path / "torch")))
                 assert got.shape == want.shape and (np.abs(got - want) > 1).mean() < 1e-3  # pixels at the threshold
 
     # thresholds: the export's own unless one is given; calibration scores normal images with the export
@@ -247,3 +247,169 @@ def test_export_errors_are_clear(tmp_path, tiny4, synthetic_roots):
         export(cfg)
     with pytest.raises(deploy.DeployError, match=r"vlmad_model\.json"):
         deploy.load(tmp_path)
+
+
+def _no_torch_site(tmp_path: Path) -> Path:
+    """A folder of links to only the distributions the runtime recipe installs (and what they require)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    site = tmp_path / "runtime_site"
+    site.mkdir()
+    todo, seen = ["numpy", "pillow", "onnxruntime", "openvino", "hydra-core", "omegaconf"], set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        dist = metadata.distribution(name)
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+        root = Path(dist.locate_file(""))
+        for top in {Path(str(f)).parts[0] for f in dist.files or []} - {".."}:
+            if not (site / top).exists() and (root / top).exists():
+                (site / top).symlink_to(root / top)
+    assert not seen & {"torch", "torchvision", "lightning", "open-clip-torch"}, seen
+    return site
+
+
+def test_runtime_recipe_in_a_fresh_venv_without_torch(export_variant, tmp_path, synthetic_roots):
+    """README's inspection-box recipe: the wheel with --no-deps, numpy, Pillow, onnxruntime / openvino, hydra-core.
+
+    The venv sees only those distributions (links, so nothing downloads); torch is not importable there, and
+    ``vlmad predict backend=onnx`` and ``deploy.load(..., "openvino")`` run.
+    """
+    import sysconfig
+
+    _, folder, _, _ = export_variant("winclip")
+    root = Path(__file__).parents[2]
+    src = tmp_path / "src"  # build from a copy: the checkout gets no build/ folder
+    for name in ("vlmad", "conf"):
+        shutil.copytree(root / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+
+    def run(*cmd, cwd=tmp_path):
+        proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    pip = [sys.executable, "-m", "pip"]
+    run(*pip, "wheel", src, "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist")
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv)
+    python = venv / "bin" / "python"
+    purelib = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    assert purelib != Path(sysconfig.get_paths()["purelib"])
+    (purelib / "_vlmad_runtime_deps.pth").write_text(f"{_no_torch_site(tmp_path)}\n")
+    run(*pip, "--python", python, "install", "--no-deps", "--no-index", "-q", next((tmp_path / "dist").glob("*.whl")))
+
+    probe = subprocess.run([python, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((synthetic_roots["mvtec"] / "bottle_syn" / "test").glob("*/*.png"))[:2]:
+        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
+    run(venv / "bin" / "vlmad", "predict", "backend=onnx", f"model={folder}", f"input={images}", "threshold.value=0.5")
+    (run_dir,) = (tmp_path / "outputs" / "predict").iterdir()
+    assert len(_csv(run_dir)) == 2 and (run_dir / "report.html").exists()
+    script = (
+        f"from vlmad import deploy; print(deploy.load({str(folder)!r}, 'openvino').predict_files({str(images)!r} and "
+    )
+    script += f"sorted(__import__('pathlib').Path({str(images)!r}).iterdir())).scores.shape)"
+    assert run(python, "-c", script).stdout.strip() == "(2,)"
+
+
+def test_predict_with_an_export_never_imports_torch_and_names_its_folder(export_variant, tmp_path, synthetic_roots):
+    _, folder, _, _ = export_variant("anomalyclip")
+    images = sorted((synthetic_roots["mvtec"] / "bottle_syn" / "test").glob("*/*.png"))[:2]
+    script = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "lightning", "open_clip"):
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, NoTorch())
+        sys.argv = ["predict", "backend=openvino", "model={folder}", "input={images[0].parent}", "threshold.value=0.5"]
+        from vlmad.deploy.predict import main
+        main()
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "lightning", "open_clip")]
+        print("torch-free")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and "torch-free" in proc.stdout, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "predict").iterdir()
+    assert run_dir.name.endswith(f"_anomalyclip-{TINY4}-openvino")  # the export's method, not the default winclip
+    assert "predict: 2 images from" in (run_dir / "predict.log").read_text()
+    assert (run_dir / "report.html").exists() and (run_dir / "heatmaps" / "bottle").is_dir()
+
+
+def test_export_writes_only_its_own_folder_and_a_failed_export_changes_nothing(
+    tmp_path, tiny4, synthetic_roots, monkeypatch
+):
+    import lightning as L
+
+    import vlmad.deploy.export as ex
+    from vlmad.engine.module import AnomalyModule
+
+    good = synthetic_roots["mvtec"] / "bottle_syn" / "train" / "good"
+    base = [
+        *_overrides(tiny4, good, "winclip"),
+        f"threshold.calibration.dir={good}",
+        "threshold.calibration.quantile=0.5",
+    ]
+    training = tmp_path / "training_run"  # a checkpoint in a training run's folder
+    training.mkdir()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.strategy.connect(AnomalyModule(build_method(compose("export", base, tmp_path / "c"))[0]))
+    trainer.save_checkpoint(training / "last.ckpt")
+    target = tmp_path / "exports" / "bottle"
+    cfg = compose("export", [*base, f"ckpt_path={training / 'last.ckpt'}", f"output_dir={target}"], tmp_path / "r")
+    assert export(cfg) == target
+    assert [p.name for p in training.iterdir()] == ["last.ckpt"]  # no last.ckpt.threshold.json beside it
+    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "vlmad_model.json"]
+    assert [p.name for p in target.parent.iterdir()] == ["bottle"]  # no staging folder left
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    info = deploy.read_manifest(target)
+    assert info["sha256"]["model.onnx"] == deploy.sha256_file(target / "model.onnx")
+    assert info["thresholds"]["quantile"] == 0.5
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ex, "export_openvino", disk_full)  # fails half-way, after the ONNX file
+    cfg = compose("export", [*base, "format=both", f"output_dir={target}"], tmp_path / "r2")
+    with pytest.raises(OSError, match="No space left"):
+        export(cfg)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the earlier export, untouched
+    assert [p.name for p in target.parent.iterdir()] == ["bottle"]
+    deploy.load(target)  # and still loads
+
+    monkeypatch.setattr(ex, "export_onnx", disk_full)
+    fresh = tmp_path / "new" / "deeper" / "bottle"
+    with pytest.raises(OSError, match="No space left"):
+        export(compose("export", [*base, f"output_dir={fresh}"], tmp_path / "r3"))
+    assert not (tmp_path / "new").exists()  # no empty folder left behind
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ExportError, match="exists and is not an export folder"):
+        export(compose("export", [*base, f"output_dir={tmp_path / 'notes'}"], tmp_path / "r4"))
+
+
+def test_a_model_file_copied_from_another_export_is_refused(export_variant, tmp_path):
+    _, winclip, _, _ = export_variant("winclip")
+    _, anomalyclip, _, _ = export_variant("anomalyclip")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(winclip, mixed)
+    shutil.copy(anomalyclip / "model.onnx", mixed / "model.onnx")
+    with pytest.raises(deploy.DeployError, match=r"model\.onnx is not the file this export wrote"):
+        deploy.load(mixed, "onnx")
+    deploy.load(mixed, "openvino")  # its own files are intact

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,9 +64,8 @@ def test_folder_with_corrupt_and_unsupported_files(tmp_path, bottle):
     skipped = (out / "skipped.txt").read_text()
     assert "broken.png\tunreadable" in skipped and "notes.txt\tunsupported extension" in skipped
     for path in folder.glob("0*.png"):
-        mask = np.asarray(Image.open(out / f"{path.stem}_mask.png"))
+        mask = np.asarray(Image.open(out / "masks" / f"{path.stem}.png"))
         assert mask.shape == Image.open(path).size[::-1] and set(np.unique(mask)) <= {0, 255}
-        assert np.asarray(Image.open(out / f"{path.stem}_overlay.png")).shape == (64, 192, 3)
     assert json.loads((out / "threshold.json").read_text())["source"] == "value"
 
     # use=pixel: an image is anomalous when its map's max exceeds the pixel threshold
@@ -73,6 +73,46 @@ def test_folder_with_corrupt_and_unsupported_files(tmp_path, bottle):
         tmp_path, "pixel", f"input={folder}", "threshold.value=0.5", "threshold.pixel_value=0.3", "threshold.use=pixel"
     )
     assert {r["threshold"] for r in rows} == {0.3} and all(r["is_anomalous"] == (r["score"] > 0.3) for r in rows)
+
+
+def test_outputs_are_evaluations_panels_columns_and_report(tmp_path, bottle):
+    """The same labelled panels, predictions.csv columns and report.html as evaluation; one mode for every file."""
+    from vlmad.outputs.predictions import PREDICTION_COLUMNS
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    wide = Image.open(sorted(bottle.glob("test/*/*.png"))[0]).resize((96, 48))  # not the model's square
+    wide.save(folder / "wide.png")
+    shutil.copy(sorted(bottle.glob("test/good/*.png"))[0], folder / "square.png")
+    rows, out = _run(tmp_path, "run", f"input={folder}", "threshold.value=0.5", "threshold.pixel_value=0.4")
+    with (out / "predictions.csv").open() as f:
+        assert tuple(csv.DictReader(f).fieldnames) == PREDICTION_COLUMNS
+    table = {Path(r["path"]).name: r for r in _csv(out)}
+    assert {r["category"] for r in table.values()} == {"bottle"} and {r["label"] for r in table.values()} == {""}
+    for r in rows:
+        assert table[Path(r["path"]).name]["decision"] == ("NG" if r["image_score"] > 0.5 else "OK")
+        assert float(table[Path(r["path"]).name]["pixel_threshold"]) == 0.4
+    wide_panel = np.asarray(Image.open(out / "heatmaps" / "bottle" / "wide.png"))
+    square_panel = np.asarray(Image.open(out / "heatmaps" / "bottle" / "square.png"))
+    # evaluation's render_panel: 4 tiles at the image's own aspect ratio (256 px long side) + the colour bar
+    assert wide_panel.shape[1] == 4 * 256 + 3 * 4 + 90 and square_panel.shape[1] == 4 * 256 + 3 * 4 + 90
+    assert square_panel.shape[0] - wide_panel.shape[0] == 256 - 128  # the 2:1 image keeps its shape
+    assert np.asarray(Image.open(out / "masks" / "wide.png")).shape == (48, 96)
+    report = (out / "report.html").read_text()
+    assert report.count('<img class="panel"') == 2 and "wide.png" in report and "image 0.5" in report
+    assert not list(out.glob(".maps*"))  # the run's temporary maps are gone
+    modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # predictions.csv and threshold.json as every other output
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, bottle):
+    image = sorted((bottle / "test" / "good").glob("*.png"))[0]
+    _, out = _run(tmp_path, "run", f"input={image}", "threshold.value=0.5")
+    before = (out / "predictions.csv").read_bytes()
+    with pytest.raises(PredictError, match=r"already holds the predictions of an earlier run.*nothing was overwritten"):
+        _run(tmp_path, "run", f"input={bottle / 'test' / 'good'}", "threshold.value=0.9")
+    assert (out / "predictions.csv").read_bytes() == before
+    assert json.loads((out / "threshold.json").read_text())["image_threshold"] == 0.5
 
 
 def test_calibration_quantile_checkpoint_sidecar_and_reuse(tmp_path, bottle, caplog):
@@ -152,8 +192,21 @@ def test_command_line_entry_point(tmp_path, bottle, monkeypatch, capsys):
     GlobalHydra.instance().clear()
     main()
     (run_dir,) = (tmp_path / "outputs" / "predict").iterdir()
-    assert len(_csv(run_dir)) == 1 and (run_dir / f"{image.stem}_overlay.png").exists()
+    assert run_dir.name.endswith("_winclip-tiny")
+    assert len(_csv(run_dir)) == 1 and (run_dir / "heatmaps" / "bottle" / f"{image.stem}.png").exists()
     assert "1 images scored" in capsys.readouterr().out
+    log = (run_dir / "predict.log").read_text()
+    assert "predict: 1 images from" in log and "thresholds: image 0.5" in log and "1 images scored" in log
+
+    monkeypatch.setattr(sys, "argv", ["predict", *BASE, "threshold.value=0.5"])  # no input=: one line, exit 2
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "vlmad: error: PredictError: input= is required: an image file or a folder of images, e.g. vlmad predict "
+        "input=images/"
+    )
 
 
 def test_non_utf8_file_name_is_written_and_rows_are_kept(tmp_path, bottle, monkeypatch):

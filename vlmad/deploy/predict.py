@@ -1,11 +1,16 @@
 """Predict on new images: ``vlmad predict method=winclip input=img_or_folder class_name=bottle ...``.
 
-Writes into the run directory, per image, ``<stem>_overlay.png`` (image | heatmap | predicted mask) and
-``<stem>_mask.png`` (0/255 at the pixel threshold), plus ``predictions.csv``, ``threshold.json`` and
-``skipped.txt`` (unreadable or unsupported files, with the reason). Thresholds come from normal images only:
-given (``threshold.value``), loaded (``threshold.file`` or ``<ckpt_path>.threshold.json``) or calibrated as
-a quantile of the scores of a folder of normal images (``threshold.calibration.dir``). ``backend=onnx|openvino
-model=DIR`` scores with a folder written by ``vlmad export`` (:mod:`vlmad.deploy`) instead of torch.
+Writes into the run directory what evaluation writes for its test images: ``predictions.csv`` (evaluation's
+columns, ``vlmad.outputs.predictions.PREDICTION_COLUMNS``; no label: these images have none), a labelled panel per
+image in ``heatmaps/<class_name>/<stem>.png`` (image | heatmap | ground truth: none | prediction, colour bar on
+this run's p1-p99 map scale), ``report.html``, plus ``masks/<stem>.png`` (0/255 at the pixel threshold, at the
+image's own size), ``threshold.json`` and ``skipped.txt`` (unreadable or unsupported files, with the reason). A
+folder that already holds ``predictions.csv`` is refused: nothing is overwritten. Thresholds come from normal
+images only: given (``threshold.value``), loaded (``threshold.file`` or ``<ckpt_path>.threshold.json``) or
+calibrated as a quantile of the scores of a folder of normal images (``threshold.calibration.dir``).
+``backend=onnx|openvino model=DIR`` scores with a folder written by ``vlmad export`` (:mod:`vlmad.deploy`) and
+never imports torch: that path runs on an inspection box with only numpy, Pillow, onnxruntime or openvino
+(and hydra-core for this command).
 """
 
 from __future__ import annotations
@@ -14,28 +19,31 @@ import csv
 import json
 import logging
 import os
-import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
-from torch import Tensor
 
 from vlmad.config import CONF_DIR as CONF
-from vlmad.data import Preprocess, load_image
-from vlmad.engine.checkpoint import load_method_weights
+from vlmad.deploy import runtime
 from vlmad.errors import exit_on_user_error
 from vlmad.io import atomic_write_json
-from vlmad.methods.base import AnomalyMethod
-from vlmad.outputs.heatmaps import denormalize_image, overlay_panel, save_png
-from vlmad.outputs.predictions import ThresholdError, calibrate_threshold
+from vlmad.logs import to_log_file
+from vlmad.outputs.heatmaps import colour_scale, display_size, render_panel, resize_array, save_png
+from vlmad.outputs.html import write_predict_report
+from vlmad.outputs.predictions import MAP_SAMPLE, PREDICTION_COLUMNS, SCALE_PERCENTILES, ThresholdError, decision
+
+if TYPE_CHECKING:  # the torch backend imports torch where it is used: the exported path must run without it
+    import torch
+    from torch import Tensor
+
+    from vlmad.data import Preprocess
+    from vlmad.methods.base import AnomalyMethod
 
 log = logging.getLogger(__name__)
 
@@ -74,30 +82,41 @@ def list_inputs(path: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return images, skipped
 
 
+def read_images(
+    paths: list[Path], batch_size: int, skipped: list[tuple[Path, str]]
+) -> Iterator[list[tuple[Path, Image.Image]]]:
+    """Read images (as the datamodule does) in batches, appending unreadable ones to ``skipped`` (the rest go on)."""
+    batch: list[tuple[Path, Image.Image]] = []
+    for i, path in enumerate(paths):
+        try:
+            batch.append((path, runtime.load_image(path)))
+        except (ValueError, OSError, Image.DecompressionBombError) as err:  # ImageReadError is a ValueError
+            log.warning("skipping %s: %s", path, err)
+            skipped.append((path, f"unreadable: {err}"))
+        if batch and (len(batch) == batch_size or i == len(paths) - 1):
+            yield batch
+            batch = []
+
+
 def load_batches(
     paths: list[Path], preprocess: Preprocess, batch_size: int, skipped: list[tuple[Path, str]]
 ) -> Iterator[tuple[list[Path], list[tuple[int, int]], Tensor]]:
-    """Load and preprocess images in batches, appending unreadable ones to ``skipped`` (the rest go on).
+    """Load and preprocess images in batches for a torch method (see :func:`read_images`).
 
     Yields:
         the batch's paths, their original (H, W) sizes, images (B, 3, S, S).
     """
-    batch: list[tuple[Path, tuple[int, int], Tensor]] = []
-    for i, path in enumerate(paths):
-        try:
-            image = load_image(path)
-        except (ValueError, Image.DecompressionBombError) as err:  # DataError is a ValueError
-            log.warning("skipping %s: %s", path, err)
-            skipped.append((path, f"unreadable: {err}"))
-        else:
-            batch.append((path, (image.height, image.width), preprocess(image, None)[0]))
-        if batch and (len(batch) == batch_size or i == len(paths) - 1):
-            yield [b[0] for b in batch], [b[1] for b in batch], torch.stack([b[2] for b in batch])
-            batch = []
+    import torch
+
+    for batch in read_images(paths, batch_size, skipped):
+        images = torch.stack([preprocess(image, None)[0] for _, image in batch])
+        yield [p for p, _ in batch], [(image.height, image.width) for _, image in batch], images
 
 
 def load_references(cfg: DictConfig, preprocess: Preprocess) -> tuple[Tensor, list[Path]]:
     """The k normal reference images of a few-shot method from ``cfg.references`` (first k, or a seeded draw)."""
+    import torch
+
     k = int(cfg.method.get("k_shot", 0))
     if not cfg.get("references"):
         raise PredictError(f"method.k_shot={k} needs references=<folder of normal images of the object>")
@@ -120,11 +139,21 @@ def load_references(cfg: DictConfig, preprocess: Preprocess) -> tuple[Tensor, li
 # ------------------------------------------------------------------ method
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else cpu."""
+    import torch
+
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
     """Backbone -> method as ``vlmad.engine.run.build`` does, plus checkpoint weights and the matching preprocessing."""
+    import random
+
+    import torch
+    from hydra.utils import instantiate
+
+    from vlmad.data import Preprocess
+    from vlmad.engine.checkpoint import load_method_weights
+
     # the seeds Lightning's seed_everything sets in run.build (a random backbone is the same), without Lightning
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -145,10 +174,6 @@ def build_method(cfg: DictConfig) -> tuple[AnomalyMethod, Preprocess]:
         )
     method = method.to(resolve_device(cfg.get("device", "auto"))).eval()
     return method, Preprocess(**backbone.preprocess_config())  # the datamodule's source too (vlmad.engine.run.build)
-
-
-def _device(method: AnomalyMethod) -> torch.device:
-    return next(method.parameters()).device
 
 
 # ------------------------------------------------------------------ thresholds
@@ -201,6 +226,8 @@ def resolve_threshold(
         pixel = tcfg.value if tcfg.pixel_value is None else tcfg.pixel_value
         return {"image_threshold": float(tcfg.value), "pixel_threshold": float(pixel), **meta, "source": "value"}
     if tcfg.calibration.dir is not None:
+        from vlmad.outputs.predictions import calibrate_threshold
+
         paths, skipped = list_inputs(tcfg.calibration.dir)
         exclude = {p.resolve() for p in references}
         paths = [p for p in paths if p.resolve() not in exclude]
@@ -233,63 +260,77 @@ def _stem(path: Path, used: set[str]) -> str:
     return stem
 
 
+@dataclass
+class Scorer:
+    """What predict needs from a model, torch or exported.
+
+    Attributes:
+        score: preprocessed (B, 3, S, S) float32 -> scores (B,), maps (B, S, S) as numpy.
+        to_input: a PIL image -> (3, S, S) float32, the model's preprocessing.
+        image_size: S.
+        threshold: the thresholds used (``image_threshold``, ``pixel_threshold``, ``source``, ...).
+        title: what scored: method, backbone, backend.
+    """
+
+    score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    to_input: Callable[[Image.Image], np.ndarray]
+    image_size: int
+    threshold: dict[str, Any]
+    title: str
+
+
 def _write_outputs(
-    out: Path,
-    stem: str,
-    image: Tensor,
-    anomaly_map: Tensor,
-    size: tuple[int, int],
-    pixel_threshold: float,
-    preprocess: Preprocess,
-) -> tuple[Path, Path]:
-    """Overlay at the model's resolution; mask at the image's own size (the map resized back bilinearly)."""
-    pixels = denormalize_image(image, preprocess.mean.flatten().tolist(), preprocess.std.flatten().tolist())
-    panel = overlay_panel(pixels, anomaly_map.numpy(), (anomaly_map > pixel_threshold).numpy())
-    full = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    overlay_path, mask_path = out / f"{stem}_overlay.png", out / f"{stem}_mask.png"
-    save_png(overlay_path, panel)
-    save_png(mask_path, (full > pixel_threshold).numpy().astype(np.uint8) * 255)
-    return overlay_path, mask_path
+    out: Path, stem: str, anomaly_map: np.ndarray, size: tuple[int, int], pixel_threshold: float
+) -> Path:
+    """The predicted mask at the image's own size (the map resized back bilinearly, as evaluation's)."""
+    path = out / "masks" / f"{stem}.png"
+    save_png(path, (runtime.resize_map(anomaly_map, size) > pixel_threshold).astype(np.uint8) * 255)
+    return path
 
 
-def _torch_scorer(method: AnomalyMethod, class_name: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    def score_batch(images: Tensor) -> tuple[Tensor, Tensor]:
+def _torch_scorer(cfg: DictConfig, out: Path) -> Scorer:
+    """The method built, prepared (few-shot references) and thresholded in torch."""
+    import torch
+
+    method, preprocess = build_method(cfg)
+    device = next(method.parameters()).device
+    references, ref_paths = None, []
+    if method.k_shot > 0:
+        references, ref_paths = load_references(cfg, preprocess)
+        references = references.to(device)
+        (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
+    method.prepare(cfg.class_name, references)
+    threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
+
+    def score(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            pred = method(images.to(_device(method)), [class_name] * len(images))
-        return pred.pred_score.float().cpu(), pred.anomaly_map.float().cpu()
+            pred = method(torch.from_numpy(images).to(device), [cfg.class_name] * len(images))
+        return pred.pred_score.float().cpu().numpy(), pred.anomaly_map.float().cpu().numpy()
 
-    return score_batch
+    title = f"{type(method).__name__} k_shot={method.k_shot} | {method.backbone.model_name} | torch"
+    return Scorer(score, lambda image: preprocess(image, None)[0].numpy(), method.backbone.image_size, threshold, title)
 
 
-def load_exported(cfg: DictConfig) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor]], Preprocess, dict[str, Any]]:
-    """``backend=onnx|openvino``: the export folder ``cfg.model`` scored by :mod:`vlmad.deploy` (no torch model).
+def load_exported(cfg: DictConfig) -> Scorer:
+    """``backend=onnx|openvino``: the export folder ``cfg.model`` scored by :mod:`vlmad.deploy` (no torch).
 
     Thresholds: ``threshold.value``, ``threshold.file`` or ``threshold.calibration.dir`` (scored by the export),
-    else the ones stored at export.
-
-    Returns:
-        images (B, 3, S, S) -> (scores (B,), maps (B, S, S)); the export's preprocessing; the thresholds.
+    else the ones stored at export. ``device``: ``auto``/``cpu`` run on the CPU; anything else (``GPU``,
+    ``AUTO``, ...) is the runtime's device name (:class:`vlmad.deploy.DeployedModel`).
     """
-    from vlmad import deploy
-
-    if cfg.backend not in deploy.BACKENDS or not cfg.get("model"):
+    if cfg.backend not in runtime.BACKENDS or not cfg.get("model"):
         raise PredictError(
             f"backend={cfg.backend} needs backend=onnx|openvino and model=<folder written by vlmad export>"
         )
-    model = deploy.load(cfg.model, cfg.backend)
-    preprocess = Preprocess(model.image_size, tuple(model.mean), tuple(model.std))
-
-    def score_batch(images: Tensor) -> tuple[Tensor, Tensor]:
-        scores, maps = model.run(images.numpy())
-        return torch.from_numpy(scores), torch.from_numpy(maps)
-
-    return score_batch, preprocess, _exported_threshold(cfg, model, preprocess)
+    device = str(cfg.get("device", "auto"))
+    model = runtime.load(cfg.model, cfg.backend, device=None if device.lower() in ("auto", "cpu") else device)
+    info = model.info
+    title = f"{info['method']} k_shot={info['k_shot']} | {info['backbone']['model_name']} | {cfg.backend} export"
+    return Scorer(model.run, model.preprocess, model.image_size, _exported_threshold(cfg, model), title)
 
 
-def _exported_threshold(cfg: DictConfig, model: Any, preprocess: Preprocess) -> dict[str, Any]:
-    """:func:`resolve_threshold` for an export (a ``vlmad.deploy.DeployedModel``); its stored ones last."""
-    from vlmad import deploy
-
+def _exported_threshold(cfg: DictConfig, model: runtime.DeployedModel) -> dict[str, Any]:
+    """:func:`resolve_threshold` for an export; its stored ones last."""
     t, info = cfg.threshold, model.info
     sources = {"value": t.value, "file": t.file, "calibration.dir": t.calibration.dir}
     given = [k for k, v in sources.items() if v is not None]
@@ -311,66 +352,158 @@ def _exported_threshold(cfg: DictConfig, model: Any, preprocess: Preprocess) -> 
         paths, skipped = list_inputs(t.calibration.dir)
         exclude = {Path(p).resolve() for p in info.get("references", [])}  # the memory scores ~0 against itself
         paths = [p for p in paths if p.resolve() not in exclude]
-        batches = (b.numpy() for _, _, b in load_batches(paths, preprocess, cfg.batch_size, skipped))
-        data = deploy.calibrate(model, batches, float(t.calibration.quantile))
+        batches = (
+            np.stack([model.preprocess(image) for _, image in batch])
+            for batch in read_images(paths, cfg.batch_size, skipped)
+        )
+        data = runtime.calibrate(model, batches, float(t.calibration.quantile))
         return {**data, **meta, "source": str(Path(t.calibration.dir).resolve())}
     if model.thresholds is None:
         raise PredictError(f"{cfg.model} was exported without thresholds; {NO_THRESHOLD}")
-    return {**model.thresholds, "file": str(Path(cfg.model) / deploy.MANIFEST)}
+    return {
+        "source": f"stored at export ({Path(cfg.model) / runtime.MANIFEST})",
+        **model.thresholds,
+        "file": str(Path(cfg.model) / runtime.MANIFEST),
+    }
+
+
+def _refuse_earlier_predictions(out: Path) -> None:
+    if (out / "predictions.csv").exists():
+        raise PredictError(
+            f"{out} already holds the predictions of an earlier run (predictions.csv): nothing was overwritten; "
+            "give another folder (hydra.run.dir=... or paths.output_dir=...)"
+        )
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Score ``cfg.input`` and write overlays, masks, predictions.csv, threshold.json, skipped.txt.
+    """Score ``cfg.input`` and write predictions.csv, panels, masks, report.html, threshold.json, skipped.txt.
 
     Returns:
-        one dict per scored image: path, score, is_anomalous, threshold, overlay, mask.
+        one dict per scored image: the ``predictions.csv`` columns, plus ``score`` / ``threshold`` (the pair that
+        decides: image score and image threshold, or with ``threshold.use=pixel`` the max pixel and the pixel
+        threshold), ``is_anomalous``, ``overlay`` (the panel) and ``mask``.
     """
     if cfg.threshold.use not in ("score", "pixel"):
         raise PredictError(f"threshold.use must be score or pixel, got {cfg.threshold.use!r}")
+    if cfg.get("input", "???") in ("???", None, ""):  # Hydra's MissingMandatoryValue would be a 15-line traceback
+        raise PredictError("input= is required: an image file or a folder of images, e.g. vlmad predict input=images/")
     paths, skipped = list_inputs(cfg.input)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("backend", "torch") != "torch":
-        score_batch, preprocess, threshold = load_exported(cfg)
-    else:
-        method, preprocess = build_method(cfg)
-        references, ref_paths = None, []
-        if method.k_shot > 0:
-            references, ref_paths = load_references(cfg, preprocess)
-            references = references.to(_device(method))
-            (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
-        method.prepare(cfg.class_name, references)
-        threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
-        score_batch = _torch_scorer(method, cfg.class_name)
-    atomic_write_json(out / "threshold.json", threshold)  # readers never see a half-written file
-    image_t, pixel_t = float(threshold["image_threshold"]), float(threshold["pixel_threshold"])
-    rows: list[dict[str, Any]] = []
-    used: set[str] = set()
-    with _text_out(out / "predictions.csv") as table:
-        writer = csv.writer(table)
-        writer.writerow(["path", "score", "is_anomalous", "threshold"])
-        for batch_paths, sizes, images in load_batches(paths, preprocess, cfg.batch_size, skipped):
-            scores, maps = score_batch(images)
-            for i, path in enumerate(batch_paths):
-                use_score = cfg.threshold.use == "score"
-                score, t = (float(scores[i]), image_t) if use_score else (float(maps[i].max()), pixel_t)
-                overlay, mask = _write_outputs(
-                    out, _stem(path, used), images[i], maps[i], sizes[i], pixel_t, preprocess
-                )
-                rows.append(
-                    {
-                        "path": str(path),
-                        "score": score,
-                        "is_anomalous": score > t,
-                        "threshold": t,
-                        "overlay": str(overlay),
-                        "mask": str(mask),
-                    }
-                )
-                writer.writerow([safe_name(path), score, int(score > t), t])
-            table.flush()  # rows are on disk as they are made: a crash keeps every scored image
-    _write_reports(out, rows, skipped)
+    _refuse_earlier_predictions(out)
+    scorer = load_exported(cfg) if cfg.get("backend", "torch") != "torch" else _torch_scorer(cfg, out)
+    atomic_write_json(out / "threshold.json", scorer.threshold)  # readers never see a half-written file
+    log.info("predict: %d images from %s with %s", len(paths), cfg.input, scorer.title)
+    log.info(
+        "thresholds: image %.4g, pixel %.4g (%s); decision by %s",
+        scorer.threshold["image_threshold"],
+        scorer.threshold["pixel_threshold"],
+        scorer.threshold.get("source"),
+        "the image score" if cfg.threshold.use == "score" else "the max pixel score",
+    )
+    maps_file = out / f".maps.{os.getpid()}.npy"  # this run's maps (float16) until the panels are drawn
+    try:
+        rows, scale = _score_all(cfg, out, paths, skipped, scorer, maps_file)
+        _draw_panels(cfg, out, rows, scorer, scale, maps_file)
+    finally:
+        maps_file.unlink(missing_ok=True)
+    _write_reports(out, rows, skipped, scorer, scale, cfg)
     return rows
+
+
+def _score_all(
+    cfg: DictConfig, out: Path, paths: list[Path], skipped: list[tuple[Path, str]], scorer: Scorer, maps_file: Path
+) -> tuple[list[dict[str, Any]], tuple[float, float]]:
+    """Score every readable image; masks and predictions.csv rows are written as they are made (a crash keeps them).
+
+    Returns:
+        the rows and this run's colour scale (p1-p99 of a sample of its map values, as evaluation's per category).
+    """
+    s, t = scorer.image_size, scorer.threshold
+    image_t, pixel_t = float(t["image_threshold"]), float(t["pixel_threshold"])
+    use_score = cfg.threshold.use == "score"
+    maps = np.lib.format.open_memmap(maps_file, mode="w+", dtype=np.float16, shape=(max(len(paths), 1), s, s))
+    rows: list[dict[str, Any]] = []
+    samples: list[np.ndarray] = []
+    used: set[str] = set()
+    with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as table:
+        writer = csv.DictWriter(table, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for batch in read_images(paths, cfg.batch_size, skipped):
+            scores, batch_maps = scorer.score(np.stack([scorer.to_input(image) for _, image in batch]))
+            for i, (path, image) in enumerate(batch):
+                amap = np.asarray(batch_maps[i], dtype=np.float32)
+                image_score, peak = float(scores[i]), float(amap.max())
+                score, threshold = (image_score, image_t) if use_score else (peak, pixel_t)
+                stem = _stem(path, used)
+                mask = _write_outputs(out, stem, amap, (image.height, image.width), pixel_t)
+                maps[len(rows)] = amap
+                samples.append(amap.ravel()[:: max(1, amap.size // MAP_SAMPLE)])
+                row = {
+                    "path": str(path),
+                    "category": cfg.class_name,
+                    "label": None,  # new images have no label (evaluation's column, empty here)
+                    "defect_type": None,
+                    "has_mask": None,
+                    "image_score": image_score,
+                    "max_pixel_score": peak,
+                    "image_threshold": image_t,
+                    "pixel_threshold": pixel_t,
+                    "decision": decision(score, threshold),
+                    "threshold_source": t.get("source"),
+                    "score": score,
+                    "threshold": threshold,
+                    "is_anomalous": score > threshold,
+                    "stem": stem,
+                    "mask": str(mask),
+                    "overlay": None,
+                }
+                rows.append(row)
+                writer.writerow(
+                    {k: "" if row[k] is None else row[k] for k in PREDICTION_COLUMNS} | {"path": safe_name(path)}
+                )
+            table.flush()  # rows are on disk as they are made: a crash keeps every scored image
+            log.info("scored %d / %d images", len(rows), len(paths))
+    maps.flush()
+    scale = colour_scale(np.concatenate(samples), *SCALE_PERCENTILES) if samples else (0.0, 1.0)
+    return rows, scale
+
+
+def _draw_panels(
+    cfg: DictConfig, out: Path, rows: list[dict[str, Any]], scorer: Scorer, scale: tuple[float, float], maps_file: Path
+) -> None:
+    """Evaluation's labelled panel for every scored image, at the image's own aspect ratio, on the run's scale."""
+    if not rows:
+        return
+    maps = np.load(maps_file, mmap_mode="r")
+    note = f"{scale[0]:.3g}..{scale[1]:.3g} = p{SCALE_PERCENTILES[0]:g}-p{SCALE_PERCENTILES[1]:g} of this run's maps"
+    folder = out / "heatmaps" / str(cfg.class_name)
+    by = "image score" if cfg.threshold.use == "score" else "max pixel"
+    for k, row in enumerate(rows):
+        try:
+            image = runtime.load_image(row["path"])
+        except (ValueError, OSError) as err:  # changed since it was scored: no panel, said once
+            log.warning("no panel for %s: %s", row["path"], err)
+            continue
+        size = display_size((image.height, image.width))
+        header = [
+            f"{cfg.class_name}  ({safe_name(Path(row['path']).name)}): new image, no label",
+            f"image score {row['image_score']:.4f}  max pixel {row['max_pixel_score']:.4f}  "
+            f"{row['decision']} at {by} threshold {row['threshold']:.4g}",
+            f"threshold: {row['threshold_source']}",
+        ]
+        panel = render_panel(
+            resize_array(np.asarray(image), size, "image"),
+            resize_array(np.asarray(maps[k], dtype=np.float32), size, "map"),
+            None,
+            scale,
+            header,
+            note,
+            row["pixel_threshold"],
+        )
+        path = folder / f"{row['stem']}.png"
+        save_png(path, panel)
+        row["overlay"] = str(path)
 
 
 def safe_name(path: str | Path) -> str:
@@ -378,21 +511,34 @@ def safe_name(path: str | Path) -> str:
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
-def _text_out(path: Path) -> Any:
-    return path.open("w", newline="", encoding="utf-8")
-
-
-def _write_reports(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[Path, str]]) -> None:
+def _write_reports(
+    out: Path,
+    rows: list[dict[str, Any]],
+    skipped: list[tuple[Path, str]],
+    scorer: Scorer,
+    scale: tuple[float, float],
+    cfg: DictConfig,
+) -> None:
     if skipped:
-        with _text_out(out / "skipped.txt") as f:
+        with (out / "skipped.txt").open("w", newline="", encoding="utf-8") as f:
             f.write("".join(f"{safe_name(p)}\t{safe_name(reason)}\n" for p, reason in skipped))
     n_anomalous = sum(r["is_anomalous"] for r in rows)
-    print(
+    summary = (
         f"{len(rows)} images scored, {n_anomalous} anomalous, {len(skipped)} skipped"
         + (f" (see {out / 'skipped.txt'})" if skipped else "")
-        + f"; outputs in {out}",
-        flush=True,
+        + f"; outputs in {out}"
     )
+    if rows:
+        notes = [
+            f"input: {safe_name(Path(str(cfg.input)).resolve())}; {len(skipped)} files skipped"
+            + (" (skipped.txt)" if skipped else ""),
+            f"panels: heatmaps/{cfg.class_name}/; masks at each image's own size: masks/; colour scale "
+            f"{scale[0]:.3g}..{scale[1]:.3g} (p{SCALE_PERCENTILES[0]:g}-p{SCALE_PERCENTILES[1]:g} of this run's maps)",
+        ]
+        report_rows = [{**r, "path": safe_name(r["path"])} for r in rows]
+        write_predict_report(out, scorer.title, report_rows, scorer.threshold, notes)
+    print(summary, flush=True)
+    to_log_file(summary)  # the console has it; the run's predict.log too
     if not rows:
         raise PredictError(f"none of the inputs could be read; see {out / 'skipped.txt'}")
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from vlmad.metrics.names import METRIC_NAMES
-from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns
-from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
 from vlmad.metrics.published import PUBLISHED, lookup
+from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
+from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns
 
 REPORT = "report.html"
 SHOWN = (*METRIC_NAMES, "pixel_aupro_legacy")
@@ -386,3 +386,58 @@ def write_sweep_report(root: str | os.PathLike, result: dict[str, Any]) -> Path:
     if links:
         body.append(f"<h2>Run reports</h2><ul>{links}</ul>")
     return _write(root / REPORT, _page(title, body))
+
+
+# ------------------------------------------------------------------------------------------- predict page
+PREDICT_GALLERY = 48  # panels inlined in a predict report (highest scores first); all are in heatmaps/
+
+
+def write_predict_report(
+    run_dir: str | os.PathLike,
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    threshold: dict[str, Any],
+    notes: Sequence[str],
+) -> Path:
+    """Write ``run_dir/report.html`` of ``vlmad predict``: thresholds, every image's decision, the panels.
+
+    Args:
+        run_dir: the predict run folder.
+        title: method, backbone and backend.
+        rows: the ``predictions.csv`` rows (``path``, ``image_score``, ``max_pixel_score``, ``decision``) with
+            ``overlay``, the panel's path.
+        threshold: the thresholds used (``image_threshold``, ``pixel_threshold``, ``source``, ...).
+        notes: lines written under the title (inputs, skipped files, colour scale).
+
+    Returns:
+        The report's path.
+    """
+    run_dir = Path(run_dir)
+    n_ng = sum(r["decision"] == "NG" for r in rows)
+    table = ["<table><tr><th>image</th><th>image score</th><th>max pixel</th><th>decision</th></tr>"]
+    table += [
+        f"<tr><td>{_esc(Path(r['path']).name)}</td><td>{r['image_score']:.4f}</td><td>{r['max_pixel_score']:.4f}</td>"
+        f"<td>{_esc(r['decision'])}</td></tr>"
+        for r in rows
+    ]
+    shown = sorted((r for r in rows if r.get("overlay")), key=lambda r: -r["image_score"])[:PREDICT_GALLERY]
+    gallery = [
+        f'<figure><img class="panel" alt="{_esc(Path(r["overlay"]).stem)}" src="{_data_uri(Path(r["overlay"]))}">'
+        f"<figcaption>{_esc(Path(r['overlay']).relative_to(run_dir))}</figcaption></figure>"
+        for r in shown
+    ]
+    more = len([r for r in rows if r.get("overlay")]) - len(shown)
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f"<p>{len(rows)} images scored, {n_ng} NG (anomalous), {len(rows) - n_ng} OK.</p>",
+        *(f'<p class="note">{_esc(n)}</p>' for n in notes),
+        "<h2>Thresholds</h2>",
+        f"<ul><li>image {threshold.get('image_threshold'):.4g}, pixel {threshold.get('pixel_threshold'):.4g} "
+        f"({_esc(threshold.get('source'))})</li></ul>",
+        "<h2>Decisions (predictions.csv)</h2>",
+        "\n".join(table) + "</table>",
+        "<h2>Heatmaps</h2>",
+        "\n".join(gallery) or "<p>(no panels)</p>",
+        f'<p class="note">{more} more panels in heatmaps/ (highest image scores shown here).</p>' if more > 0 else "",
+    ]
+    return _write(run_dir / REPORT, _page(title, body))
