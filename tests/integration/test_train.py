@@ -23,8 +23,9 @@ def test_train_then_evaluate_from_checkpoint(make_cfg, method):
     assert state["state_dict"] and not any(".backbone." in k for k in state["state_dict"])
     assert ckpt.stat().st_size < 2_000_000  # learned tensors only, never the frozen CLIP
     assert not list(ckpt.parent.glob("*.tmp"))  # written atomically
-    # seed as in training: the tiny backbone's random weights come from it (real weights would not care)
-    eval_cfg = make_cfg("evaluate", f"method={method}", f"ckpt_path={ckpt}", f"seed={cfg.seed}")
+    # evaluate.py's own seed (0, train's is 111): the random tiny weights come from backbone.random_seed, not the run's
+    eval_cfg = make_cfg("evaluate", f"method={method}", f"ckpt_path={ckpt}")
+    assert eval_cfg.seed != cfg.seed
     eval_results, eval_objects = evaluate(eval_cfg)
     for key, value in _learned(objects).items():
         torch.testing.assert_close(eval_objects["method"].learned_state()[key], value)
@@ -55,15 +56,20 @@ def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg):
         evaluate(make_cfg("evaluate", "method=anomalyclip", "method.n_ctx=8", f"ckpt_path={ckpt}"))
     with pytest.raises(CheckpointMismatchError, match="checkpoint"):
         evaluate(make_cfg("evaluate", "method=aprilgan", f"ckpt_path={ckpt}"))
-    # trained at train.yaml's seed 111, evaluated at evaluate.yaml's seed 0: another random tiny backbone
-    with pytest.raises(CheckpointMismatchError, match=r"backbone weights: checkpoint 'vlmad-tiny random:\w+' vs "):
-        evaluate(make_cfg("evaluate", "method=anomalyclip", f"ckpt_path={ckpt}"))
+    # another backbone.random_seed: other random tiny weights, refused with the override that fixes it
+    with pytest.raises(CheckpointMismatchError, match=r"backbone weights: checkpoint 'vlmad-tiny random:\w+' vs ") as e:
+        evaluate(make_cfg("evaluate", "method=anomalyclip", "backbone.random_seed=5", f"ckpt_path={ckpt}"))
+    assert str(e.value).endswith(
+        "set backbone.model_name=vlmad-tiny backbone.pretrained=null backbone.random_seed=0 to evaluate it"
+    )
 
 
 def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, count_encodes):
     losses = {}
     for cached in (False, True):
-        extra = ["module.feature_cache=memory"] if cached else []
+        # fp32 storage: exact; uncached = null (the default, auto, would cache the fit set too)
+        extra = ["module.feature_cache=memory", "module.feature_cache_dtype=fp32"] if cached else []
+        extra = extra or ["module.feature_cache=null"]
         cfg = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=3", "test_after_fit=false", *extra)
         from vlmad.methods.anomalyclip import AnomalyCLIP
 

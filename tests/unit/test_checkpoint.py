@@ -18,8 +18,7 @@ ANOMALYCLIP = {"feature_layers": [3], "dpam_start": 1, "deep_prompt_depth": 3}
 
 
 def _backbone(seed: int) -> ClipBackbone:
-    torch.manual_seed(seed)  # the tiny backbone's random weights come from the seed
-    return ClipBackbone("vlmad-tiny", None, 64)
+    return ClipBackbone("vlmad-tiny", None, 64, random_seed=seed)  # the random weights come from backbone.random_seed
 
 
 def _save(module: AnomalyModule, path) -> None:
@@ -39,6 +38,7 @@ def test_other_backbone_weights_are_refused_naming_both(tmp_path):
         load_method_weights(other, ckpt)
     message = str(err.value)
     assert str(ckpt) in message and trained.backbone.weights_id() in message and other.backbone.weights_id() in message
+    assert "set backbone.model_name=vlmad-tiny backbone.pretrained=null backbone.random_seed=111" in message  # the fix
 
     same = AnomalyCLIP(_backbone(111), **ANOMALYCLIP)  # same seed: the same weights, loads
     load_method_weights(same, ckpt)
@@ -105,3 +105,14 @@ def test_unknown_file_is_neither_vlmad_nor_official(tmp_path):
     torch.save({"weights": torch.zeros(2)}, path)
     with pytest.raises(CheckpointMismatchError, match=r"other.pth: not a vlmad checkpoint"):
         load_method_weights(AprilGAN(_backbone(0), feature_layers=[3]), path)
+
+
+def test_random_weights_follow_the_backbone_seed_not_the_global_rng():
+    torch.manual_seed(111)  # a train run's seed ...
+    first = ClipBackbone("vlmad-tiny", None, 64)
+    after_build = torch.rand(1)
+    torch.manual_seed(0)  # ... and an evaluate run's: the same default random_seed, the same weights
+    assert ClipBackbone("vlmad-tiny", None, 64).weights_id() == first.weights_id()
+    torch.manual_seed(111)
+    assert torch.equal(torch.rand(1), after_build)  # the build leaves the run's random stream untouched
+    assert _backbone(1).weights_id() != first.weights_id()  # another backbone.random_seed: other weights

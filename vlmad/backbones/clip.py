@@ -111,14 +111,36 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
     log.info("loaded weights from %s (sha256 %s, %d tensors)", path, weights_sha256(path)[:12], n_tensors)
 
 
-def _load_model(model_name: str, pretrained: str | None, force_quick_gelu: bool, cache_dir: str | None) -> nn.Module:
+@contextlib.contextmanager
+def seeded_random_init(seed: int | None) -> Iterator[None]:
+    """Build random weights from ``seed`` (the backbone's ``random_seed``), not from the run's seed.
+
+    The global torch RNG is forked, so the build neither depends on nor changes the run's random state: a train
+    run (seed 111) and an evaluate run (seed 0) build the same random backbone. ``seed=None`` draws from the
+    global RNG as it stands. Any backbone with a random-weights option can wrap its construction in this.
+
+    Args:
+        seed: the weights' seed, or None for the caller's current RNG state.
+    """
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def _load_model(
+    model_name: str, pretrained: str | None, force_quick_gelu: bool, cache_dir: str | None, random_seed: int | None
+) -> nn.Module:
     if pretrained is None:
         warnings.warn(
-            f"backbone {model_name!r} has RANDOM weights (backbone.pretrained=null): scores show the pipeline, "
-            "not the method's quality.",
+            f"backbone {model_name!r} has RANDOM weights (backbone.pretrained=null, backbone.random_seed="
+            f"{random_seed}): scores show the pipeline, not the method's quality.",
             stacklevel=2,  # ClipBackbone(...) in vlmad, not the caller (often Hydra's instantiate)
         )
-        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
+        with seeded_random_init(random_seed):
+            return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
     if Path(pretrained).expanduser().is_file():
         with _drop_root_log("No pretrained weights loaded"):  # open_clip's notice is wrong: the file comes next
             model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=force_quick_gelu)
@@ -184,6 +206,8 @@ class ClipBackbone(nn.Module):
         model_config: optional path to an open_clip model config JSON registered before building.
         force_quick_gelu: build with QuickGELU (needed for OpenAI weights under a non ``-quickgelu`` name).
         cache_dir: open_clip download cache.
+        random_seed: seed of random weights (``pretrained=None`` only): the same seed builds the same weights
+            whatever the run's seed, so a checkpoint trained on them evaluates; None draws from the global RNG.
     """
 
     def __init__(
@@ -195,6 +219,7 @@ class ClipBackbone(nn.Module):
         model_config: str | None = None,
         force_quick_gelu: bool = False,
         cache_dir: str | None = None,
+        random_seed: int | None = 0,
     ) -> None:
         super().__init__()
         if model_config is not None:
@@ -203,7 +228,8 @@ class ClipBackbone(nn.Module):
         self.pretrained = pretrained
         self.force_quick_gelu = bool(force_quick_gelu)
         self.pos_embed_interpolation = pos_embed_interpolation
-        model = _load_model(model_name, pretrained, force_quick_gelu, cache_dir)
+        self.random_seed = random_seed
+        model = _load_model(model_name, pretrained, force_quick_gelu, cache_dir, random_seed)
         local = Path(pretrained).expanduser() if pretrained else None
         # content hash of a local weights file, taken at load (cached: the load already hashed it for its log line)
         self.weights_sha256 = weights_sha256(local) if local is not None and local.is_file() else None

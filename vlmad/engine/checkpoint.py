@@ -20,6 +20,7 @@ from vlmad.methods.base import AnomalyMethod
 log = logging.getLogger(__name__)
 
 WEIGHTS_KEY = "backbone_weights"  # in the ``vlmad`` entry; not part of hparams_for_checkpoint (the cache key)
+BUILD_KEY = "backbone_build"  # the backbone settings that made those weights, for the mismatch message
 
 
 class CheckpointMismatchError(VlmadError, RuntimeError):
@@ -56,7 +57,34 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_entry(method: AnomalyMethod) -> dict[str, Any]:
     """The ``vlmad`` entry of a checkpoint: the method's settings plus the backbone weights' id."""
-    return {**method.hparams_for_checkpoint(), WEIGHTS_KEY: method.backbone.weights_id()}
+    return {**method.hparams_for_checkpoint(), WEIGHTS_KEY: method.backbone.weights_id(), BUILD_KEY: _build(method)}
+
+
+def _build(method: AnomalyMethod) -> dict[str, Any]:
+    """The ``backbone.*`` settings that decide the weights (``random_seed`` only matters for random weights)."""
+    backbone = method.backbone
+    build = {"model_name": backbone.model_name, "pretrained": backbone.pretrained}
+    if backbone.pretrained is None:
+        build["random_seed"] = getattr(backbone, "random_seed", None)
+    return build
+
+
+def _overrides(build: dict[str, Any]) -> str:
+    """``backbone.model_name=... backbone.pretrained=null ...``: the command-line overrides that rebuild ``build``."""
+    return " ".join(f"backbone.{k}={'null' if v is None else v}" for k, v in build.items())
+
+
+def weights_hint(saved: dict[str, Any], method: AnomalyMethod) -> str:
+    """What to change so the configured backbone gets the checkpoint's weights (one sentence)."""
+    build = saved.get(BUILD_KEY)
+    if not build:
+        return (
+            "evaluate with the training run's backbone settings (backbone.pretrained, and backbone.random_seed for "
+            "random weights; see its .hydra/config.yaml)"
+        )
+    if build == _build(method):  # same settings, other values: another open_clip/timm version or a changed file
+        return f"the checkpoint's backbone ({_overrides(build)}) now builds other weights (another library version?)"
+    return f"set {_overrides(build)} to evaluate it"
 
 
 def _weights_diff(saved: dict[str, Any], method: AnomalyMethod) -> dict[str, tuple[Any, Any]]:
@@ -87,7 +115,8 @@ def check_checkpoint_fits(checkpoint: dict[str, Any], method: AnomalyMethod) -> 
     diffs |= _weights_diff(saved, method)
     if diffs:
         lines = "; ".join(f"{k}: checkpoint {a!r} vs configured {b!r}" for k, (a, b) in diffs.items())
-        raise CheckpointMismatchError(f"checkpoint does not fit the configured method ({lines})")
+        hint = f"; {weights_hint(saved, method)}" if "backbone weights" in diffs else ""
+        raise CheckpointMismatchError(f"checkpoint does not fit the configured method ({lines}){hint}")
     _check_tensors(
         {k[len("method.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("method.")}, method
     )
