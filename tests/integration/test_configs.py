@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from vlmad.config import CONF_DIR as CONF
 from vlmad.config import compose
 
 GROUP_ALLOWED_KEYS = {"method", "module", "trainer", "defaults"}
+TINY_SIZE = {"tiny": 64, "tiny_dinov2": 56}  # input sides of the random-weights test backbones (patch 16 / 14)
 
 
 def _options(group: str) -> list[str]:
@@ -21,9 +22,11 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("method", _options("method"))
 @pytest.mark.parametrize("config_name", ["train", "evaluate"])
 def test_every_method_composes_and_instantiates(make_cfg, config_name, method):
-    cfg = make_cfg(config_name, f"method={method}")
+    family = get_class(OmegaConf.load(CONF / "method" / f"{method}.yaml").method._target_).backbone_families[0]
+    tiny = {"clip": "tiny", "dinov2": "tiny_dinov2"}[family]  # each method on a tiny backbone of its family
+    cfg = make_cfg(config_name, f"method={method}", f"backbone={tiny}", f"backbone.image_size={TINY_SIZE[tiny]}")
     assert cfg.method._target_.startswith("vlmad.methods.")
-    assert cfg.backbone.model_name == "vlmad-tiny"  # command-line backbone wins over the method's default
+    assert cfg.backbone.model_name == f"vlmad-{tiny.replace('_', '-')}"  # command line wins over the method default
     backbone = instantiate(cfg.backbone)
     assert instantiate(cfg.method, backbone=backbone).backbone is backbone
 
@@ -39,7 +42,8 @@ def test_method_files_only_touch_their_keys():
 @pytest.mark.parametrize("backbone", _options("backbone"))
 def test_every_backbone_composes(make_cfg, backbone):
     cfg = make_cfg("evaluate", f"backbone={backbone}")
-    assert cfg.backbone._target_ == "vlmad.backbones.ClipBackbone"
+    family = "DinoBackbone" if backbone.startswith(("dinov2", "tiny_dinov2")) else "ClipBackbone"
+    assert cfg.backbone._target_ == f"vlmad.backbones.{family}"
     assert "image_size" not in cfg.datamodule  # run.build takes size, mean and std from the backbone
 
 

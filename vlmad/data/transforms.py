@@ -15,6 +15,7 @@ __all__ = ["MASK_RESIZE", "RESIZE_MODES", "Preprocess", "open_rgb", "to_rgb"]
 
 MASK_RESIZE = {"bilinear_threshold": Image.BILINEAR, "nearest": Image.NEAREST}
 RESIZE_MODES = ("squash", "shorter_side_crop")
+IMAGE_RESIZE = ("pil", "torchvision")
 
 
 class Preprocess:
@@ -33,6 +34,9 @@ class Preprocess:
         resize_mode: "squash" or "shorter_side_crop".
         augment: optional albumentations transform applied jointly to image and mask before resizing
             (off by default: the published protocols use no augmentation).
+        image_resize: ``pil`` (PIL bicubic of the 8-bit image, rounded to 8 bits: open_clip, the CLIP methods'
+            references, AnomalyDINO) or ``torchvision`` (torchvision bicubic with antialias on the uint8 tensor,
+            rounded to 8 bits: transformers 5's DINOv2 image processor, i.e. SubspaceAD).
     """
 
     def __init__(
@@ -43,7 +47,10 @@ class Preprocess:
         mask_resize: str = "bilinear_threshold",
         resize_mode: str = "squash",
         augment: Any = None,
+        image_resize: str = "pil",
     ) -> None:
+        if image_resize not in IMAGE_RESIZE:
+            raise ValueError(f"unknown image_resize {image_resize!r} (expected one of {list(IMAGE_RESIZE)})")
         if mask_resize not in MASK_RESIZE:
             raise ValueError(f"unknown mask_resize {mask_resize!r} (expected one of {list(MASK_RESIZE)})")
         if resize_mode not in RESIZE_MODES:
@@ -56,6 +63,7 @@ class Preprocess:
         self.mask_resize = mask_resize
         self.resize_mode = resize_mode
         self.augment = augment
+        self.image_resize = image_resize
 
     def __call__(self, image: Image.Image, mask: np.ndarray | None) -> tuple[Tensor, Tensor]:
         """Preprocess one sample.
@@ -83,10 +91,22 @@ class Preprocess:
             # Same rounding as torchvision's CenterCrop.
             left, top = round((size[0] - s) / 2.0), round((size[1] - s) / 2.0)
             box = (left, top, left + s, top + s)
-        image = image.resize(size, Image.BICUBIC)
         mask_img = Image.fromarray(mask_u8 * 255).resize(size, MASK_RESIZE[self.mask_resize])
+        if self.image_resize == "pil":
+            image = image.resize(size, Image.BICUBIC)
+            if box is not None:
+                image = image.crop(box)
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+        else:
+            from torchvision.transforms import InterpolationMode
+            from torchvision.transforms.v2.functional import resize
+
+            u8 = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+            u8 = resize(u8, [size[1], size[0]], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            if box is not None:
+                u8 = u8[:, box[1] : box[3], box[0] : box[2]]
+            pixels = u8.float() / 255.0
         if box is not None:
-            image, mask_img = image.crop(box), mask_img.crop(box)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+            mask_img = mask_img.crop(box)
         mask_t = torch.from_numpy(np.asarray(mask_img, dtype=np.float32) / 255.0 > 0.5).float()  # (S, S)
         return (pixels - self.mean) / self.std, mask_t

@@ -136,7 +136,8 @@ class AnomalyModule(L.LightningModule):
         dm = self._datamodule
         references, paths = None, []
         if self.method.k_shot > 0:
-            references, paths = dm.reference_images(category, self.method.k_shot, self.reference_seed)
+            draw = self.method.reference_draw(class_name)  # the method's rule and views (None: plain random draw)
+            references, paths = dm.reference_images(category, self.method.k_shot, self.reference_seed, draw)
             references = references.to(self.device)
             self._write_reference_list(category, paths)
         self.method.prepare(class_name, references)

@@ -10,7 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from vlmad.backbones import ClipBackbone
+from vlmad.data.references import ReferenceDraw
+from vlmad.errors import ConfigError
 from vlmad.methods.prompts import TextFeatureCache
+
+# backbone family -> (its name in messages, a config that builds one)
+BACKBONE_FAMILIES = {"clip": ("CLIP", "backbone=vit_l14_336"), "dinov2": ("DINOv2", "backbone=dinov2_vits14")}
 
 
 def _apply_nested(fn: Callable[[Tensor], Tensor], value: Any) -> Any:
@@ -55,9 +60,20 @@ class AnomalyMethod(nn.Module):
 
     def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
         super().__init__()
+    # backbone families the method runs on (a backbone's ``family``): the CLIP methods need its text tower or its
+    # projected image embedding; the DINOv2 methods take patch tokens of a DinoBackbone
+    backbone_families: tuple[str, ...] = ("clip",)
         self.backbone = backbone
         self.k_shot = int(k_shot)
         self.feature_cache = None  # a vlmad.backbones.cache.FeatureCache, see attach_cache
+        family = getattr(backbone, "family", "clip")
+        if family not in self.backbone_families:
+            wanted = " or ".join(BACKBONE_FAMILIES[f][0] for f in self.backbone_families)
+            example = BACKBONE_FAMILIES[self.backbone_families[0]][1]
+            raise ConfigError(
+                f"{type(self).__name__} needs a {wanted} backbone, got the {BACKBONE_FAMILIES[family][0]} backbone "
+                f"{getattr(backbone, 'model_name', '?')!r} (e.g. {example})"
+            )
         self.text_cache = TextFeatureCache()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AnomalyMethod:
@@ -89,6 +105,11 @@ class AnomalyMethod(nn.Module):
 
     def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
         """Per-category set-up before scoring (text features, few-shot memory).
+
+    def reference_draw(self, class_name: str) -> ReferenceDraw | None:
+        """How the k references of a class are drawn and expanded (see ``vlmad.data.references``); None = the
+        datamodule's default draw of k plain images (``AnomalyDataModule.reference_images``)."""
+        return None
 
         Args:
             class_name: object name used in prompts.

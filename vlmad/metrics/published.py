@@ -212,6 +212,30 @@ _MUSC = {
     ),
 }
 
+# --- AnomalyDINO (Damm et al., WACV 2025) and SubspaceAD (Lendering et al., CVPR 2026): few-shot, training-free ---
+# Image AUROC from the SubspaceAD README table (CLendering/SubspaceAD @ 2ca687e, which quotes AnomalyDINO: ViT-S/14,
+# 448 px, agnostic preprocessing, mean over 3 seeds; SubspaceAD: ViT-g/14 with registers, 672 px, seed 42). The same
+# README's text gives SubspaceAD's 1-shot pixel AUROC (MVTec-AD 97.5, VisA 98.2; it also says VisA image AUROC 93.4
+# against 93.2 in its table, the table is kept). Other metrics are not in either repository (not quoted here).
+_DINO_SRC = {
+    "anomalydino": "AnomalyDINO (ViT-S/14, 448 px, agnostic), image AUROC as quoted in the SubspaceAD README table",
+    "subspacead": "SubspaceAD README (ViT-g/14-reg4, 672 px, seed 42): image AUROC table, 1-shot pixel AUROC text",
+}
+_DINO = {
+    "anomalydino_mvtec_k1": {"image_auroc": 96.6},
+    "anomalydino_mvtec_k2": {"image_auroc": 96.9},
+    "anomalydino_mvtec_k4": {"image_auroc": 97.7},
+    "anomalydino_visa_k1": {"image_auroc": 87.4},
+    "anomalydino_visa_k2": {"image_auroc": 89.7},
+    "anomalydino_visa_k4": {"image_auroc": 92.6},
+    "subspacead_mvtec_k1": {"image_auroc": 97.1, "pixel_auroc": 97.5},
+    "subspacead_mvtec_k2": {"image_auroc": 97.5},
+    "subspacead_mvtec_k4": {"image_auroc": 98.0},
+    "subspacead_visa_k1": {"image_auroc": 93.2, "pixel_auroc": 98.2},
+    "subspacead_visa_k2": {"image_auroc": 93.8},
+    "subspacead_visa_k4": {"image_auroc": 94.7},
+}
+
 
 def _build() -> dict[str, Published]:
     out: dict[str, Published] = {}
@@ -226,6 +250,8 @@ def _build() -> dict[str, Published]:
         out[key] = Published(_APRILGAN_SRC, _row(_APRILGAN_COLS, mean))
     for key, (mean, cats_text) in _MUSC.items():
         out[key] = Published(_MUSC_SRC, _row(_MUSC_COLS, mean), per_category=_table(_MUSC_CAT_COLS, cats_text))
+    for key, mean in _DINO.items():
+        out[key] = Published(_DINO_SRC[key.split("_")[0]], dict(mean))
     return out
 
 
@@ -252,7 +278,7 @@ def published_id(method: str, data: str, target_or_k: str | int = 0) -> str | No
     """The published id of a setting, derived from its data (the ``${published:...}`` config resolver).
 
     Args:
-        method: id prefix: ``winclip``, ``anomalyclip``, ``aprilgan`` or ``musc``.
+        method: id prefix: ``winclip``, ``anomalyclip``, ``aprilgan``, ``musc``, ``anomalydino``, ``subspacead``.
         data: ``_target_`` of the evaluated reader (with a target: the reader fitted on).
         target_or_k: ``_target_`` of the test reader (a cross-dataset transfer), or ``k_shot``.
 
