@@ -210,6 +210,8 @@ class ClipBackbone(nn.Module):
             whatever the run's seed, so a checkpoint trained on them evaluates; None draws from the global RNG.
     """
 
+    family = "clip"  # methods check it (AnomalyMethod.backbone_families); DinoBackbone's is "dinov2"
+
     def __init__(
         self,
         model_name: str,
@@ -228,8 +230,6 @@ class ClipBackbone(nn.Module):
         self.pretrained = pretrained
         self.force_quick_gelu = bool(force_quick_gelu)
         self.pos_embed_interpolation = pos_embed_interpolation
-    family = "clip"  # methods check it (AnomalyMethod.backbone_families); DinoBackbone's is "dinov2"
-
         self.random_seed = random_seed
         model = _load_model(model_name, pretrained, force_quick_gelu, cache_dir, random_seed)
         local = Path(pretrained).expanduser() if pretrained else None

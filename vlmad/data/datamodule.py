@@ -8,13 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Sampler, default_collate
 
-from vlmad.data.dataset import AnomalyDataset
+from vlmad.data.dataset import AnomalyDataset, load_image
 from vlmad.data.mosaic import EpochKeySampler, MosaicDataset
 from vlmad.data.records import DataError, Reader, Record
+from vlmad.data.references import ReferenceDraw, shuffle_pick, sorted_slice
 from vlmad.data.transforms import Preprocess
 from vlmad.data.validate import validate_data
 
@@ -112,6 +115,8 @@ class AnomalyDataModule(L.LightningDataModule):
             sample becomes a 2x2 mosaic of its category (see ``vlmad.data.mosaic``); 0 = off.
         references_with_replacement: draw few-shot references with replacement (``torch.randint``, duplicates
             possible) as APRIL-GAN's reference does; default without replacement.
+        image_resize: ``pil`` or ``torchvision`` image resize (see ``Preprocess``; SubspaceAD's processor is the
+            latter).
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class AnomalyDataModule(L.LightningDataModule):
         seed: int | None = None,
         mosaic_prob: float = 0.0,
         references_with_replacement: bool = False,
+        image_resize: str = "pil",
     ) -> None:
         super().__init__()
         self.test_set = test_set
@@ -143,8 +149,9 @@ class AnomalyDataModule(L.LightningDataModule):
         self.fit_split = fit_split
         self.shuffle = shuffle
         self.seed = seed
-        self.transform = Preprocess(image_size, tuple(mean), tuple(std), mask_resize, resize_mode)
-        self.fit_transform = Preprocess(image_size, tuple(mean), tuple(std), mask_resize, resize_mode, augment)
+        geometry = (image_size, tuple(mean), tuple(std), mask_resize, resize_mode)
+        self.transform = Preprocess(*geometry, image_resize=image_resize)
+        self.fit_transform = Preprocess(*geometry, augment, image_resize=image_resize)
 
     @property
     def all_categories(self) -> list[str]:
@@ -239,28 +246,47 @@ class AnomalyDataModule(L.LightningDataModule):
             sampler = EpochKeySampler(sampler)  # mosaics drawn by (seed, epoch, index), in any worker
         return self._loader(dataset, sampler, fit=True)
 
-    def reference_images(self, category: str, k: int, seed: int) -> tuple[Tensor, list[str]]:
-        """Draw k normal few-shot reference images from the category's ``train`` split (without replacement by default).
+    def reference_images(
+        self, category: str, k: int, seed: int, draw: ReferenceDraw | None = None
+    ) -> tuple[Tensor, list[str]]:
+        """Draw k normal few-shot reference images from the category's ``train`` split, and expand them if asked.
 
-        The generator is seeded by ``crc32(category) + seed`` so every category gets its own draw and
-        the same (category, seed) always gives the same images.
+        The default rule (``random``) seeds a generator by ``crc32(category) + seed``, so every category gets its
+        own draw and the same (category, seed) always gives the same images (without replacement by default).
+        A method's ``draw`` may pick another rule and ask for views of the originals (e.g. rotated copies, made at
+        the original resolution, each then preprocessed like a test image; random views use that generator).
 
         Returns:
-            images (k, 3, S, S) preprocessed; their paths.
+            images (k·V, 3, S, S) preprocessed, in the order the views are made (V = 1 without views); the k paths.
         """
+        draw = draw or ReferenceDraw()
         normal = [r for r in self.test_set.records(category, "train") if r.label == 0]
-        if not 0 <= k <= len(normal):
+        if draw.rule != "random":  # the references sort the file paths
+            normal.sort(key=lambda r: str(r.image))
+        needed = (seed + 1) * k if draw.rule == "sorted_slice" else k
+        if not 0 <= k <= len(normal) or needed > len(normal):
             raise DataError(
-                f"cannot draw k={k} reference images for {category!r}: only {len(normal)} normal training "
-                f"images in {self.test_set.root}"
+                f"cannot draw k={k} reference images for {category!r}"
+                + (f" with seed {seed} (images {seed * k}..{needed - 1} of the sorted list)" if needed > k else "")
+                + f": only {len(normal)} normal training images in {self.test_set.root}"
             )
         generator = torch.Generator().manual_seed(zlib.crc32(category.encode()) + seed)
-        if self.references_with_replacement:  # APRIL-GAN's reference: torch.randint, duplicates possible
-            picks = torch.randint(0, len(normal), (k,), generator=generator) if normal else torch.empty(0, dtype=int)
+        if draw.rule == "sorted_slice":  # AnomalyDINO: sorted(train/good)[seed*k:(seed+1)*k]
+            picks = sorted_slice(len(normal), k, seed)
+        elif draw.rule == "shuffle":  # SubspaceAD: one seeded Python random stream over the sorted categories
+            sizes = {c: sum(r.label == 0 for r in self.test_set.records(c, "train")) for c in self.all_categories}
+            picks = shuffle_pick(sizes, category, k, seed)
+        elif self.references_with_replacement:  # APRIL-GAN's reference: torch.randint, duplicates possible
+            picks = torch.randint(0, len(normal), (k,), generator=generator).tolist() if normal else []
         else:
-            picks = torch.randperm(len(normal), generator=generator)[:k]
-        chosen = [normal[i] for i in picks.tolist()]
-        dataset = self._dataset(self.test_set, chosen, self.transform)
+            picks = torch.randperm(len(normal), generator=generator)[:k].tolist()
+        chosen = [normal[i] for i in picks]
         s = self.transform.image_size
-        images = torch.stack([dataset[i]["image"] for i in range(k)]) if k else torch.empty(0, 3, s, s)
-        return images, [str(r.image) for r in chosen]
+        if draw.views is not None:
+            originals = [np.asarray(load_image(r.image)) for r in chosen]
+            views = draw.views(originals, generator)
+            images = [self.transform(Image.fromarray(v), None)[0] for v in views]
+        else:
+            dataset = self._dataset(self.test_set, chosen, self.transform)
+            images = [dataset[i]["image"] for i in range(k)]
+        return (torch.stack(images) if images else torch.empty(0, 3, s, s)), [str(r.image) for r in chosen]

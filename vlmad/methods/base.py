@@ -57,15 +57,12 @@ class AnomalyMethod(nn.Module):
     transductive: bool = False
     cacheable: bool = True  # False: encode_images depends on learned parameters (the module runs no feature cache)
     tensor_state: tuple[str, ...] = ()  # attributes holding plain tensors (dicts/lists of them) that follow .to()
-
-    def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
-        super().__init__()
     # backbone families the method runs on (a backbone's ``family``): the CLIP methods need its text tower or its
     # projected image embedding; the DINOv2 methods take patch tokens of a DinoBackbone
     backbone_families: tuple[str, ...] = ("clip",)
-        self.backbone = backbone
-        self.k_shot = int(k_shot)
-        self.feature_cache = None  # a vlmad.backbones.cache.FeatureCache, see attach_cache
+
+    def __init__(self, backbone: ClipBackbone, k_shot: int = 0) -> None:
+        super().__init__()
         family = getattr(backbone, "family", "clip")
         if family not in self.backbone_families:
             wanted = " or ".join(BACKBONE_FAMILIES[f][0] for f in self.backbone_families)
@@ -74,6 +71,9 @@ class AnomalyMethod(nn.Module):
                 f"{type(self).__name__} needs a {wanted} backbone, got the {BACKBONE_FAMILIES[family][0]} backbone "
                 f"{getattr(backbone, 'model_name', '?')!r} (e.g. {example})"
             )
+        self.backbone = backbone
+        self.k_shot = int(k_shot)
+        self.feature_cache = None  # a vlmad.backbones.cache.FeatureCache, see attach_cache
         self.text_cache = TextFeatureCache()
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AnomalyMethod:
@@ -103,13 +103,13 @@ class AnomalyMethod(nn.Module):
             return self.encode_images(images)
         return self.feature_cache.fetch(self, images)
 
-    def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
-        """Per-category set-up before scoring (text features, few-shot memory).
-
     def reference_draw(self, class_name: str) -> ReferenceDraw | None:
         """How the k references of a class are drawn and expanded (see ``vlmad.data.references``); None = the
         datamodule's default draw of k plain images (``AnomalyDataModule.reference_images``)."""
         return None
+
+    def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
+        """Per-category set-up before scoring (text features, few-shot memory).
 
         Args:
             class_name: object name used in prompts.
