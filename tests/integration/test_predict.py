@@ -190,7 +190,14 @@ def test_command_line_entry_point(tmp_path, bottle, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # Hydra's run dir is relative: outputs/predict/...
     monkeypatch.setattr(sys, "argv", ["predict", *BASE, f"input={image}", "threshold.value=0.5"])
     GlobalHydra.instance().clear()
-    main()
+    handlers = logging.getLogger().handlers[:]
+    try:
+        main()
+    finally:  # Hydra's handlers write to this test's captured stdout: later tests must not log into it
+        for handler in logging.getLogger().handlers[:]:
+            if handler not in handlers:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
     (run_dir,) = (tmp_path / "outputs" / "predict").iterdir()
     assert run_dir.name.endswith("_winclip-tiny")
     assert len(_csv(run_dir)) == 1 and (run_dir / "heatmaps" / "bottle" / f"{image.stem}.png").exists()

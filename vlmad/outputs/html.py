@@ -413,17 +413,21 @@ def write_predict_report(
         The report's path.
     """
     run_dir = Path(run_dir)
+
+    def text(value: Any) -> str:  # a file name that is not UTF-8 shows its bytes as \xNN escapes
+        return _esc(os.fsencode(str(value)).decode("utf-8", errors="backslashreplace"))
+
     n_ng = sum(r["decision"] == "NG" for r in rows)
     table = ["<table><tr><th>image</th><th>image score</th><th>max pixel</th><th>decision</th></tr>"]
     table += [
-        f"<tr><td>{_esc(Path(r['path']).name)}</td><td>{r['image_score']:.4f}</td><td>{r['max_pixel_score']:.4f}</td>"
+        f"<tr><td>{text(Path(r['path']).name)}</td><td>{r['image_score']:.4f}</td><td>{r['max_pixel_score']:.4f}</td>"
         f"<td>{_esc(r['decision'])}</td></tr>"
         for r in rows
     ]
     shown = sorted((r for r in rows if r.get("overlay")), key=lambda r: -r["image_score"])[:PREDICT_GALLERY]
     gallery = [
-        f'<figure><img class="panel" alt="{_esc(Path(r["overlay"]).stem)}" src="{_data_uri(Path(r["overlay"]))}">'
-        f"<figcaption>{_esc(Path(r['overlay']).relative_to(run_dir))}</figcaption></figure>"
+        f'<figure><img class="panel" alt="{text(Path(r["overlay"]).stem)}" src="{_data_uri(Path(r["overlay"]))}">'
+        f"<figcaption>{text(Path(r['overlay']).relative_to(run_dir))}</figcaption></figure>"
         for r in shown
     ]
     more = len([r for r in rows if r.get("overlay")]) - len(shown)
@@ -433,7 +437,7 @@ def write_predict_report(
         *(f'<p class="note">{_esc(n)}</p>' for n in notes),
         "<h2>Thresholds</h2>",
         f"<ul><li>image {threshold.get('image_threshold'):.4g}, pixel {threshold.get('pixel_threshold'):.4g} "
-        f"({_esc(threshold.get('source'))})</li></ul>",
+        f"({text(threshold.get('source'))})</li></ul>",
         "<h2>Decisions (predictions.csv)</h2>",
         "\n".join(table) + "</table>",
         "<h2>Heatmaps</h2>",
