@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from vlmad.cli import evaluate_task
+from vlmad.cli import evaluate_task, run_main
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -13,4 +13,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a failed sweep job: one line, exit 2 for a user error

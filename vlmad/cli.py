@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from vlmad.config import CONF_DIR
-from vlmad.errors import exit_on_user_error, one_line
+from vlmad.errors import DEBUG_ENV, exit_on_user_error, in_multirun, one_line, user_error
 from vlmad.logs import quiet, to_log_file
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,78 @@ commands:
   report     one table for a sweep or comparison folder          (= python -m vlmad.outputs.report DIR)
   compare    the methods side by side (experiment=comparison)    (= python -m vlmad.engine.compare)
 
-`vlmad COMMAND --help` lists a command's config groups and options.
+`vlmad COMMAND --help` lists a command's config groups and options; `vlmad --version` prints the version.
 """
 # modules with their own @hydra.main
 HYDRA_COMMANDS = {"predict": "vlmad.deploy.predict", "export": "vlmad.deploy.export"}
+# modules with a plain argument parser: main(argv)
+PLAIN_COMMANDS = {"report": "vlmad.outputs.report", "compare": "vlmad.engine.compare"}
+
+
+class SweepJobFailed(CompactHydraException):
+    """A multirun job failed: Hydra prints this one line (not a traceback) once the other jobs have run.
+
+    ``code`` is the process exit status: 2 for a user error (as a single run's), 1 for anything else.
+    """
+
+    last: SweepJobFailed | None = None  # the latest one raised in this process (run_main turns it into the exit)
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message, code)
+        self.code = code
+        SweepJobFailed.last = self
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _sweep_job_failed(err: BaseException) -> SweepJobFailed:
+    """One line naming the job, its overrides, the error and the log file that holds the traceback."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    cause = user_error(err)
+    where = f"{hc.runtime.output_dir}/{hc.job.name}.log"
+    overrides = " ".join(hc.overrides.task)
+    message = (
+        f"vlmad: error: sweep job {hc.job.num} ({overrides}) failed: {one_line(cause or err)} (details: {where}; "
+        f"`vlmad report {hc.sweep.dir}` lists every failed job)"
+    )
+    return SweepJobFailed(message, code=2 if cause is not None else 1)
+
+
+class _WithoutHydraSweepNoise:
+    """stderr minus Hydra's two extra lines around a failed job's one line (its overrides list, the hint)."""
+
+    NOISE = ("Error executing job with overrides", "Set the environment variable HYDRA_FULL_ERROR")
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Pass ``text`` on unless a job failed and it is one of Hydra's lines about it."""
+        if SweepJobFailed.last is not None and text.strip().startswith(self.NOISE):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def run_main(hydra_main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function; a failed sweep job ends the sweep with its one line and exit status."""
+    stderr, sys.stderr = sys.stderr, _WithoutHydraSweepNoise(sys.stderr)
+    try:
+        hydra_main()
+    except SweepJobFailed as err:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead of printing
+        print(err, file=stderr)
+        sys.exit(err.code)
+    except SystemExit as done:
+        if done.code == 1 and SweepJobFailed.last is not None:  # Hydra printed the line and exits 1
+            sys.exit(SweepJobFailed.last.code)
+        raise
+    finally:
+        sys.stderr = stderr
 
 
 def _task(name: str, run: Callable[[DictConfig], tuple[dict[str, dict[str, float]], Any]]) -> Callable:
@@ -47,6 +117,8 @@ def _task(name: str, run: Callable[[DictConfig], tuple[dict[str, dict[str, float
             metrics, _ = run(cfg)
         except Exception as err:
             to_log_file(f"{name} failed: {one_line(err)}\n{traceback.format_exc()}", logging.ERROR)
+            if in_multirun() and os.environ.get(DEBUG_ENV, "") in ("", "0"):  # the other jobs go on; one line
+                raise _sweep_job_failed(err) from None
             raise
         return metrics.get("mean", {}).get("pixel_auroc")
 
@@ -73,7 +145,7 @@ evaluate_task = _task("evaluate", _evaluate)
 def _hydra_run(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     import hydra
 
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+    run_main(hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,9 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return
+    if argv[0] in ("-V", "--version"):
+        from vlmad import __version__
+
+        print(f"vlmad {__version__}")
+        return
     command, rest = argv[0], argv[1:]
-    if command in ("report", "compare"):  # plain argument parsers, not Hydra apps
-        importlib.import_module(f"vlmad.{command}").main(rest)
+    if command in PLAIN_COMMANDS:  # plain argument parsers, not Hydra apps
+        importlib.import_module(PLAIN_COMMANDS[command]).main(rest)
         return
     sys.argv = [f"vlmad {command}", *rest]  # Hydra reads its overrides from sys.argv
     if command == "train":

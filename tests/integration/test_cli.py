@@ -138,6 +138,16 @@ def test_cli_help_and_unknown_command(capsys, monkeypatch):
     assert seen == [["experiment=demo", "data.root=x"]]  # the overrides reach vlmad compare's main
     with pytest.raises(SystemExit, match="unknown command 'fit'"):
         cli_main(["fit"])
+    from importlib.metadata import version
+
+    cli_main(["--version"])
+    assert capsys.readouterr().out == f"vlmad {version('vlmad')}\n"
+    report_seen = []
+    import vlmad.outputs.report
+
+    monkeypatch.setattr(vlmad.outputs.report, "main", report_seen.append)
+    cli_main(["report", "multirun/x"])
+    assert report_seen == [["multirun/x"]]
 
 
 def test_public_api_is_lazy_and_complete():

@@ -33,7 +33,8 @@ def _data(node: str, layout: str) -> list[str]:
 
 
 def _multirun(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, script, "-m", *COMMON, *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -61,7 +62,10 @@ def eval_sweep(roots, tmp_path_factory):
 
 def test_sweep_jobs_have_own_dirs_and_report_groups_mean_std_over_seeds(eval_sweep, capsys):
     proc, sweep, bad = eval_sweep
-    assert proc.returncode != 0  # the failing jobs make the sweep exit non-zero ...
+    assert proc.returncode == 2  # the failing jobs (a user error) make the sweep exit as a user error ...
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr  # ... in one line, naming the job
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("vlmad: error: sweep job ") and f"data.root={bad}" in errors[0]
     good = sorted(p.parent for p in sweep.rglob("metrics.csv"))
     assert len(good) == 4 and len({p.name for p in good}) == 4  # ... but every good job finished in its own dir
     infos = [json.loads((d / "run.json").read_text()) for d in good]
