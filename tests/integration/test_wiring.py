@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmad.engine import compare
 from vlmad.config import compose
+from vlmad.engine import compare
 from vlmad.engine.run import build, evaluate, train
 from vlmad.errors import ConfigError
 
@@ -102,3 +102,15 @@ def test_comparisons_run_from_their_own_entry_point(make_cfg, tmp_path):
     assert cfg.paths.output_dir == str(tmp_path / "cmp")
     with pytest.raises(ConfigError, match="no `comparison` node"):
         compare.compose_comparison(["experiment=smoke"])
+
+
+def test_comparison_run_folder_follows_the_train_and_evaluate_rules(tmp_path, monkeypatch):
+    cfg = compare.compose_comparison(["backbone=tiny", f"hydra.run.dir={tmp_path / 'moved'}"])
+    assert cfg.paths.output_dir == str(tmp_path / "moved")  # hydra.run.dir moves it, as for train.py
+    monkeypatch.chdir(tmp_path)
+    import vlmad.config
+
+    asked = []
+    monkeypatch.setattr(vlmad.config, "fresh_dir", lambda path: asked.append(path) or f"{path}-1")
+    out = compare.compose_comparison(["backbone=tiny"]).paths.output_dir
+    assert asked == [out[:-2]] and asked[0].startswith("outputs/comparison/")  # the collision guard names it

@@ -196,22 +196,25 @@ def run(cfg: DictConfig) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
 def compose_comparison(overrides: list[str]) -> DictConfig:
     """train.yaml with ``experiment=comparison`` (unless another experiment is given) and the overrides.
 
-    Writes to ``paths.output_dir`` if given, else ``outputs/comparison/<time>``.
+    Writes to ``paths.output_dir`` or ``hydra.run.dir`` if given (as train.py / evaluate.py), else to a fresh
+    ``outputs/comparison/<time>`` (``vlmad.config.fresh_dir``: a second comparison in the same second gets ``-1``).
 
     Raises:
         ConfigError: the experiment has no ``comparison`` node.
     """
     from datetime import datetime
 
-    from vlmad.config import compose
+    from vlmad.config import compose, fresh_dir
     from vlmad.errors import ConfigError
 
     overrides = list(overrides)
     if not any(_key(o) == "experiment" for o in overrides):
         overrides.insert(0, "experiment=comparison")
-    out = next((o.split("=", 1)[1] for o in overrides if _key(o) == "paths.output_dir"), None)
-    overrides = [o for o in overrides if _key(o) != "paths.output_dir"]
-    cfg = compose("train", overrides, out or f"outputs/comparison/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    dirs = ("paths.output_dir", "hydra.run.dir")
+    given = {_key(o): o.split("=", 1)[1] for o in overrides if _key(o) in dirs}
+    overrides = [o for o in overrides if _key(o) not in dirs]
+    out = given.get("paths.output_dir") or given.get("hydra.run.dir")
+    cfg = compose("train", overrides, out or fresh_dir(f"outputs/comparison/{datetime.now():%Y-%m-%d_%H-%M-%S}"))
     if "comparison" not in cfg:
         raise ConfigError(f"{' '.join(overrides)}: no `comparison` node (use experiment=comparison or demo)")
     return cfg
