@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmad.backbones.clip import weights_sha256
+from vlmad.backbones.clip import seeded_random_init, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,7 @@ def _create(
             "scores show the pipeline, not the method's quality.",
             stacklevel=3,  # DinoBackbone(...) in vlmad, not the caller (often Hydra's instantiate)
         )
-        if random_seed is None:
-            return timm.create_model(arch, pretrained=False, **kwargs)
-        with torch.random.fork_rng(devices=[]):  # the weights' own seed: the run's RNG is neither read nor moved
-            torch.manual_seed(int(random_seed))
+        with seeded_random_init(random_seed):  # the weights' own seed: the run's RNG is neither read nor moved
             return timm.create_model(arch, pretrained=False, **kwargs)
     local = Path(pretrained).expanduser()
     if local.is_file():
