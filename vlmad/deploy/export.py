@@ -390,6 +390,10 @@ def export(cfg: DictConfig) -> Path:
 
     if cfg.format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {cfg.format!r}")
+    if cfg.get("precision", "fp32") != "fp32":
+        from vlmad.deploy.quantize import check_settings
+
+        check_settings(cfg)  # before anything is built: int8 needs the OpenVINO format and normal images
     target = _export_target(cfg)
     method, preprocess = build_method(cfg)
     if getattr(method, "transductive", False):
@@ -415,6 +419,11 @@ def export(cfg: DictConfig) -> Path:
         write_manifest(folder, info)
         info["export_check"] = check_export(graph.cpu(), folder, list(info["files"]), size)
         write_manifest(folder, info)
+        if cfg.get("precision", "fp32") == "int8":  # NNCF INT8 of the OpenVINO model, behind an accuracy gate
+            from vlmad.deploy.quantize import apply_int8
+
+            apply_int8(cfg, folder, info)
+            write_manifest(folder, info)
     log.info("exported %s (%s) to %s", info["method"], ", ".join(info["files"].values()), target)
     print(
         f"exported {info['method']} ({', '.join(info['files'].values())}) to {target}; max |exported - torch| on a "
