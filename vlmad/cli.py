@@ -30,13 +30,14 @@ commands:
   evaluate   evaluate a method per category                      (= python evaluate.py ...)
   predict    score new images: overlays, masks, predictions.csv  (= python -m vlmad.deploy.predict)
   export     export a prepared method to ONNX / OpenVINO         (= python -m vlmad.deploy.export)
+  serve      HTTP inspection service, web page, folder watch     (= python -m vlmad.deploy.serve)
   report     one table for a sweep or comparison folder          (= python -m vlmad.outputs.report DIR)
   compare    the methods side by side (experiment=comparison)    (= python -m vlmad.engine.compare)
 
 `vlmad COMMAND --help` lists a command's config groups and options; `vlmad --version` prints the version.
 """
 # modules with their own @hydra.main
-HYDRA_COMMANDS = {"predict": "vlmad.deploy.predict", "export": "vlmad.deploy.export"}
+HYDRA_COMMANDS = {"predict": "vlmad.deploy.predict", "export": "vlmad.deploy.export", "serve": "vlmad.deploy.serve"}
 # modules with a plain argument parser: main(argv)
 PLAIN_COMMANDS = {"report": "vlmad.outputs.report", "compare": "vlmad.engine.compare"}
 
