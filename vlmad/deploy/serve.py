@@ -123,7 +123,10 @@ def read_upload(data: bytes, name: str, size: int, limits: Limits) -> np.ndarray
         w, h = img.size
         if w * h > limits.max_pixels:
             raise BadInputError(
-                413, "too_many_pixels", f"{name}: {w}x{h} pixels is more than max_pixels={limits.max_pixels}"
+                413,
+                "too_many_pixels",
+                f"{name}: {w}x{h} pixels is more than max_pixels={limits.max_pixels} (a decompression bomb or an "
+                "image too large to inspect; checked on the header, nothing decoded)",
             )
         try:
             img.load()
@@ -188,6 +191,7 @@ def describe(cfg: dict[str, Any]) -> dict[str, Any]:
         digest = hashlib.sha256("".join(sha256_file(p) for p in weight_files if p.is_file()).encode()).hexdigest()
         thresholds = info.get("thresholds")
         use = info.get("threshold_use", "score")
+        precision = info.get("precision", "fp32")
         out = {
             "method": info["method"],
             "backbone": info["backbone"]["model_name"],
@@ -197,8 +201,8 @@ def describe(cfg: dict[str, Any]) -> dict[str, Any]:
             "image_size": int(info["preprocess"]["image_size"]),
             "mean": info["preprocess"]["mean"],
             "std": info["preprocess"]["std"],
-            "precision": info.get("precision", "fp32"),
-            "agreement": info.get("agreement"),
+            "precision": precision.get(backend, "fp32") if isinstance(precision, dict) else precision,
+            "agreement": info.get("int8"),
             "source": {"model": str(folder.resolve()), "backend": backend},
         }
     else:
@@ -504,6 +508,9 @@ class InspectionServer:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.info = describe(cfg)
+        # max_pixels (checked on every header before decoding) is this server's guard; PIL's own bomb check would
+        # refuse at open without the image size, so it is turned off in this process only
+        Image.MAX_IMAGE_PIXELS = None
         self.limits = Limits(
             int(cfg["max_images"]), int(float(cfg["max_upload_mb"]) * (1 << 20)), int(cfg["max_pixels"])
         )
@@ -699,7 +706,8 @@ class InspectionServer:
 class FolderWatch:
     """Score each new complete image of a folder once, through the server's own /predict.
 
-    A file is complete when its size and mtime have not changed over one poll interval and it is not empty.
+    A file is complete when its size and mtime have not changed over one poll interval and it is not empty; one
+    that still reads as truncated is retried until it has not changed for ``max(2 s, 10 intervals)``.
     ``predictions.csv`` (in ``output``, default ``<folder>/scored``) is the memory: a file listed there (by name,
     size and mtime) is never scored again, so a restart picks up exactly the files that arrived while down.
 
@@ -722,6 +730,8 @@ class FolderWatch:
             with self.table.open(newline="", encoding="utf-8") as f:
                 self.done = {(r["file"], int(r["size"]), int(r["mtime_ns"])) for r in csv.DictReader(f)}
         self.seen: dict[str, tuple[int, int]] = {}
+        self.failing: dict[tuple[str, int, int], float] = {}
+        self.settle = max(2.0, 10 * interval)
 
     def candidates(self) -> list[tuple[Path, int, int]]:
         """Files complete since the last poll and not yet scored."""
@@ -752,6 +762,12 @@ class FolderWatch:
         except urllib.error.HTTPError as err:
             body = json.loads(err.read() or b"{}")
             if err.code >= 500:  # queue full / stopping / worker lost: retried on the next poll
+                self.seen.pop(path.name, None)
+                return
+            # a file still being written can read as truncated/empty: retried while it changes, and recorded as
+            # an error only once it has stayed the same for `settle` seconds
+            first = self.failing.setdefault((path.name, size, mtime), time.monotonic())
+            if err.code in (400, 422) and time.monotonic() - first < self.settle:
                 self.seen.pop(path.name, None)
                 return
             row["error"] = body.get("detail", str(err))
