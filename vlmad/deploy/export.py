@@ -1,7 +1,8 @@
 """Export a prepared method to ONNX / OpenVINO: ``vlmad export method=... class_name=... format=onnx``.
 
 The exported graph takes a batch of CLIP-normalised images (dynamic batch axis) and returns the image scores
-(B,) and the anomaly maps (B, S, S) of ``method.forward``. Everything that does not depend on the image (text
+(B,) and the anomaly maps (B, S, S) of the method's own ``score`` for one class, traced through
+``method.for_class(class_name)``. Everything that does not depend on the image (``class_constants``: text
 prototypes, AnomalyCLIP's two prompt embeddings after the text encoder, few-shot memories) is computed once
 here and stored as constants: the text encoder is not in the graph. ``vlmad_model.json`` beside the model
 holds what :mod:`vlmad.deploy` needs (preprocessing, thresholds, input/output names) and what a reader wants
@@ -26,18 +27,13 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
 import vlmad
 from vlmad.config import CONF_DIR as CONF
 from vlmad.errors import VlmadError, exit_on_user_error
-from vlmad.methods.anomalyclip import AnomalyCLIP
-from vlmad.methods.aprilgan import AprilGAN
-from vlmad.methods.base import AnomalyMethod
-from vlmad.methods.ops import gaussian_blur, scaled_sigma
-from vlmad.methods.winclip import WinCLIP
+from vlmad.methods.base import AnomalyMethod, ClassView
 
 log = logging.getLogger(__name__)
 
@@ -53,169 +49,33 @@ class ExportError(VlmadError, ValueError):
     """A method or setting that cannot be exported."""
 
 
-def _nearest_memory(queries: Tensor, memory: Tensor) -> Tensor:
-    """min over memory of (1 - cos), as ``vlmad.methods.ops.min_cosine_distance`` without its Python chunk loop.
+def export_graph(method: AnomalyMethod, class_name: str) -> ClassView:
+    """The per-image graph of a method already ``prepare``-d for ``class_name``: ``method.for_class`` in eval mode.
 
-    Args:
-        queries: (B, N, C).
-        memory: (M, C) already L2-normalised (done once at export).
-
-    Returns:
-        (B, N) distances in [0, 2].
-    """
-    return 1 - (F.normalize(queries, dim=-1) @ memory.T).amax(dim=-1)
-
-
-class WinCLIPGraph(nn.Module):
-    """WinCLIP / WinCLIP+ for one class: text prototypes and the few-shot memory as buffers."""
-
-    def __init__(self, method: WinCLIP, class_name: str) -> None:
-        super().__init__()
-        self.method = method
-        self.register_buffer("prototypes", method.text_prototypes(class_name).detach().clone())  # (2, D)
-        self.levels = list(method.few_shot_levels) if method.k_shot > 0 else []
-        memory = method.memory.get(class_name, {})
-        for level in self.levels:
-            self.register_buffer(f"memory_{level}", F.normalize(memory[level], dim=-1))  # (K·n, C)
-
-    def few_shot_grid(self, patch_tokens: Tensor, window_emb: dict[int, Tensor]) -> Tensor:
-        """(B, G, G) mean of the level maps (``WinCLIP.few_shot_grid`` for a single class)."""
-        m, grid = self.method, self.method.backbone.grid_size
-        maps = []
-        for level in self.levels:
-            memory = getattr(self, f"memory_{level}")
-            if level == "patch":
-                maps.append((_nearest_memory(patch_tokens, memory) / 2).view(-1, grid, grid))
-            else:
-                maps.append(m.harmonic_aggregate(_nearest_memory(window_emb[level], memory) / 2, level))
-        return torch.stack(maps).mean(dim=0)
-
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-        """``WinCLIP.encode`` with every window in one transformer call.
-
-        The method's memory-bounding chunk loop would fix the number of chunks (and so the batch) in the graph.
-        """
-        m = self.method
-        tokens = m.backbone.embed(images)  # (B, 1+P, W)
-        final = m.backbone.visual.ln_post(m.backbone.blocks(tokens)[0])  # (B, 1+P, W)
-        window_emb = {}
-        for k in m.scales:
-            sequence = getattr(m, f"window_sequence_{k}")  # (n_win, 1+k²)
-            windows = tokens[:, sequence].flatten(0, 1)  # (B·n_win, 1+k², W)
-            cls = m.backbone.blocks(windows)[0][:, 0]  # (B·n_win, W)
-            window_emb[k] = m.backbone.project(cls).view(tokens.shape[0], len(sequence), -1)  # (B, n_win, D)
-        return final[:, 0] @ m.backbone.visual.proj, final[:, 1:], window_emb
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, S, S) -> scores (B,), maps (B, S, S), as ``WinCLIP.forward`` (without its finite check)."""
-        m = self.method
-        embedding, patch_tokens, window_emb = self.encode(images)
-        image_scores = m.class_scores(embedding[:, None], self.prototypes)[:, 0]  # (B,)
-        window_scores = {k: m.class_scores(e, self.prototypes) for k, e in window_emb.items()}  # (B, n_win)
-        grid_map = m.zero_shot_grid(image_scores, window_scores)  # (B, G, G)
-        scores = image_scores
-        if self.levels:
-            few = self.few_shot_grid(patch_tokens, window_emb)  # (B, G, G)
-            grid_map = m._fuse(grid_map, few)
-            scores = m._fuse(image_scores, few.flatten(1).amax(dim=1))
-        if m.image_score == "map_max":
-            scores = grid_map.flatten(1).amax(dim=1)
-        pixel = F.interpolate(grid_map[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        pixel = gaussian_blur(pixel, m.smoothing_sigma)  # (B, S, S)
-        return scores.clamp(0, 1), pixel.clamp(0, 1)
-
-
-class AnomalyCLIPGraph(nn.Module):
-    """AnomalyCLIP (DPAM image side): the two learned prompts' text features as a buffer."""
-
-    def __init__(self, method: AnomalyCLIP) -> None:
-        super().__init__()
-        self.method = method
-        with torch.no_grad():
-            self.register_buffer("text", method.text_features().detach().clone())  # (2, D)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, S, S) -> scores (B,), maps (B, S, S), as ``AnomalyCLIP.forward`` in eval mode."""
-        m, grid, size = self.method, self.method.backbone.grid_size, self.method.backbone.image_size
-        features = m.encode_images(images)
-        score = m.image_logits(features, self.text).softmax(dim=-1)[:, 1]  # (B,)
-        similarity = m.similarity(features, self.text)[:, :, 1:]  # (B, L, P, 2)
-        # upsampled_probabilities with the grid side from the backbone (it derives it from a traced shape).
-        grids = similarity.reshape(-1, grid, grid, 2).permute(0, 3, 1, 2)  # (B·L, 2, G, G)
-        up = F.interpolate(grids, size=(size, size), mode="bilinear", align_corners=False)
-        maps = up.reshape(images.shape[0], -1, 2, size, size)[:, :, 1]  # (B, L, S, S)
-        maps = maps.mean(dim=1) if m.layer_reduce == "mean" else maps.sum(dim=1)
-        sigma = scaled_sigma(m.smoothing_sigma, size, m.smoothing_reference_size)
-        return score, gaussian_blur(maps, sigma)
-
-
-@contextmanager
-def _patched(obj: object, **attrs: Any) -> Iterator[None]:
-    """Instance attributes set for the duration of a call (the method object is left as it was)."""
-    for name, value in attrs.items():
-        object.__setattr__(obj, name, value)
-    try:
-        yield
-    finally:
-        for name in attrs:
-            object.__delattr__(obj, name)
-
-
-class AprilGANGraph(nn.Module):
-    """APRIL-GAN zero-/k-shot for one class: text prototypes and the per-stage memory as buffers.
-
-    ``AprilGAN.forward`` itself runs, with its two per-class-name steps (a Python loop over the batch's names)
-    swapped for the stored class's constants, so the graph keeps a dynamic batch axis.
-    """
-
-    def __init__(self, method: AprilGAN, class_name: str) -> None:
-        super().__init__()
-        self.method, self.class_name = method, class_name
-        self.register_buffer("text", method.text_features(class_name).detach().clone())  # (2, D)
-        if method.k_shot:
-            self.register_buffer("memory", F.normalize(method._memory[class_name], dim=-1))  # (n_fs, K·P, W)
-
-    def few_shot_maps(self, stage_tokens: Tensor, class_names: object = None) -> Tensor:
-        """(B, n_fs, P, W) -> (B, n_fs, S, S) upsampled memory distances (``AprilGAN.few_shot_maps``)."""
-        m = self.method
-        dist = torch.stack([_nearest_memory(stage_tokens[:, s], mem) for s, mem in enumerate(self.memory)], 1)
-        n, g, size = dist.shape[1], m.backbone.grid_size, m.backbone.image_size  # dist: (B, n_fs, P)
-        return m._upsample(dist.reshape(-1, 1, g, g)).reshape(-1, n, size, size)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, S, S) -> scores (B,), maps (B, S, S), as ``AprilGAN.forward``."""
-        batch = images.shape[0]
-        with _patched(
-            self.method,
-            _batch_text_features=lambda names: self.text.expand(batch, -1, -1),
-            few_shot_maps=self.few_shot_maps,
-        ):
-            pred = self.method(images, [self.class_name])
-        return pred.pred_score, pred.anomaly_map
-
-
-def export_graph(method: AnomalyMethod, class_name: str) -> nn.Module:
-    """The per-image graph of a method already ``prepare``-d for ``class_name`` (eval mode).
+    The graph runs the method's own :meth:`~vlmad.methods.base.AnomalyMethod.score` with the class's constants as
+    buffers: there is no export-specific copy of any method.
 
     Raises:
-        ExportError: transductive methods and unknown method types.
+        ExportError: transductive methods and methods without a per-class ``score``.
     """
     if getattr(method, "transductive", False):
-        hint = " or method.image_fusion=fixed (a per-image k-shot score)" if isinstance(method, AprilGAN) else ""
+        hint = " or method.image_fusion=fixed (a per-image k-shot score)" if hasattr(method, "image_fusion") else ""
         raise ExportError(
             f"{type(method).__name__} is transductive here (it scores a category's images together), so it has no "
             f"per-image graph to export: score it with vlmad predict (torch backend){hint}."
         )
-    method = method.eval()
-    if isinstance(method, WinCLIP):
-        graph: nn.Module = WinCLIPGraph(method, class_name)
-    elif isinstance(method, AnomalyCLIP):
-        graph = AnomalyCLIPGraph(method)
-    elif isinstance(method, AprilGAN):
-        graph = AprilGANGraph(method, class_name)
-    else:
-        raise ExportError(f"no export graph for {type(method).__name__} (exportable: WinCLIP, AnomalyCLIP, AprilGAN)")
-    return graph.eval()
+    if type(method).score is AnomalyMethod.score:
+        raise ExportError(
+            f"{type(method).__name__} has no per-class score(images, constants) (vlmad.methods.base.AnomalyMethod), "
+            "so it has no graph to export"
+        )
+    return method.eval().for_class(class_name).eval()
+
+
+def _device(graph: nn.Module) -> torch.device:
+    """Where the graph's tensors live (CPU for a graph without any)."""
+    tensor = next(iter([*graph.parameters(), *graph.buffers()]), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 # ------------------------------------------------------------------ files
@@ -225,7 +85,7 @@ def export_onnx(graph: nn.Module, path: Path, image_size: int) -> None:
     PyTorch's TorchScript-based exporter is used: the dynamo exporter gives the same graph but took ~40x longer
     (minutes for the tiny backbone) on our machines. The example batch is 2: a batch of 1 can be specialised.
     """
-    example = torch.zeros(2, 3, image_size, image_size, device=next(graph.buffers()).device)
+    example = torch.zeros(2, 3, image_size, image_size, device=_device(graph))
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX translation
     try:
@@ -259,7 +119,7 @@ def check_export(graph: nn.Module, folder: Path, backends: list[str], image_size
 
     images = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        scores, maps = (t.float().cpu().numpy() for t in graph(images.to(next(graph.buffers()).device)))
+        scores, maps = (t.float().cpu().numpy() for t in graph(images.to(_device(graph))))
     out = {}
     for backend in backends:
         got_scores, got_maps = deploy.load(folder, backend).run(images.numpy())

@@ -216,33 +216,50 @@ class AnomalyCLIP(AnomalyMethod):
         Returns:
             (B, L, 2, S, S).
         """
-        batch, layers, tokens, _ = similarity.shape
-        side = round((tokens - 1) ** 0.5)
-        grid = similarity[:, :, 1:].reshape(batch * layers, side, side, 2).permute(0, 3, 1, 2)  # (BL, 2, g, g)
-        size = self.backbone.image_size
+        layers, side, size = similarity.shape[1], self.backbone.grid_size, self.backbone.image_size
+        grid = similarity[:, :, 1:].reshape(-1, side, side, 2).permute(0, 3, 1, 2)  # (BL, 2, g, g)
         up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)  # (BL, 2, S, S)
-        return up.reshape(batch, layers, 2, size, size)
+        return up.reshape(-1, layers, 2, size, size)
 
-    def forward(
-        self, images: Tensor, class_names: list[str] | None = None, features: dict[str, Tensor] | None = None
+    def class_constants(self, class_name: str = "") -> dict[str, Tensor]:
+        """``text`` (2, D): the two learned prompts' text features (object-agnostic: ``class_name`` is unused).
+
+        In training mode they are computed now, with grad; in eval mode cached until a prompt parameter changes.
+        """
+        return {"text": self.text_features() if self.training else self._eval_text_features()}
+
+    def score(
+        self, images: Tensor, constants: dict[str, Tensor], features: dict[str, Tensor] | None = None
     ) -> Prediction:
-        """Score a batch; ``class_names`` is unused (object-agnostic prompts).
+        """The eval forward of a batch (what export traces, with the text features as constants).
 
         Args:
             images: (B, 3, S, S) CLIP-normalised.
-            class_names: ignored.
+            constants: :meth:`class_constants`.
             features: precomputed :meth:`encode_images` output (same result as computing it here).
 
         Returns:
             Prediction with (B,) image scores (global feature only) and (B, S, S) smoothed maps.
         """
         features = self.image_features(images) if features is None else features
-        text = self.text_features() if self.training else self._eval_text_features()  # (2, D)
+        text = constants["text"]  # (2, D)
         score = self.image_logits(features, text).softmax(dim=-1)[:, 1]  # (B,)
         maps = self.upsampled_probabilities(self.similarity(features, text))[:, :, 1]  # (B, L, S, S)
         maps = maps.mean(dim=1) if self.layer_reduce == "mean" else maps.sum(dim=1)  # (B, S, S)
-        sigma = scaled_sigma(self.smoothing_sigma, maps.shape[-1], self.smoothing_reference_size)
+        sigma = scaled_sigma(self.smoothing_sigma, self.backbone.image_size, self.smoothing_reference_size)
         return Prediction(pred_score=score, anomaly_map=gaussian_blur(maps, sigma))
+
+    def forward(
+        self, images: Tensor, class_names: list[str] | None = None, features: dict[str, Tensor] | None = None
+    ) -> Prediction:
+        """Score a batch: :meth:`score`; ``class_names`` is unused (object-agnostic prompts).
+
+        Args:
+            images: (B, 3, S, S) CLIP-normalised.
+            class_names: ignored.
+            features: precomputed :meth:`encode_images` output (same result as computing it here).
+        """
+        return self.score(images, self.class_constants(), features)
 
     # ---------------------------------------------------------------- training
     def local_loss_parts(self, probs: Tensor, gt: Tensor) -> Tensor:

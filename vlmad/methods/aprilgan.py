@@ -229,14 +229,29 @@ class AprilGAN(AnomalyMethod):
             class_names = list(self._memory) * b
         dist = stage_tokens.new_empty(b, n, p, dtype=torch.promote_types(stage_tokens.dtype, torch.float32))
         for name in dict.fromkeys(class_names):
-            if name not in self._memory:
-                raise RuntimeError(f"AprilGAN: no few-shot memory for {name!r}; call prepare() with references")
             idx = [i for i, c in enumerate(class_names) if c == name]
-            memory = self._memory[name].to(stage_tokens.device)  # (n, K*P, W)
-            for s in range(n):
-                queries = stage_tokens[idx, s].flatten(0, 1)  # (b_c*P, W)
-                dist[idx, s] = min_cosine_distance(queries, memory[s]).view(len(idx), p).to(dist.dtype)
+            dist[idx] = self.memory_distances(stage_tokens[idx], self._class_memory(name)).to(dist.dtype)
         return dist
+
+    def _class_memory(self, class_name: str) -> Tensor:
+        if class_name not in self._memory:
+            raise RuntimeError(f"AprilGAN: no few-shot memory for {class_name!r}; call prepare() with references")
+        return self._memory[class_name]
+
+    def memory_distances(self, stage_tokens: Tensor, memory: Tensor) -> Tensor:
+        """Per-stage distance of each patch to one class's memory, before upsampling.
+
+        Args:
+            stage_tokens: (B, n_fs, P, W) raw tokens at ``few_shot_layers``.
+            memory: (n_fs, K*P, W) the class's reference tokens from :meth:`prepare`.
+
+        Returns:
+            (B, n_fs, P) min over the memory of (1 - cos), in [0, 2], float32 or wider.
+        """
+        p, dtype = stage_tokens.shape[2], torch.promote_types(stage_tokens.dtype, torch.float32)
+        stages = zip(stage_tokens.unbind(1), memory.to(stage_tokens.device).unbind(0), strict=True)
+        dist = [min_cosine_distance(tokens.flatten(0, 1), mem).view(-1, p).to(dtype) for tokens, mem in stages]
+        return torch.stack(dist, dim=1)  # (B, n_fs, P)
 
     def few_shot_maps(self, stage_tokens: Tensor, class_names: Sequence[str] | None = None) -> Tensor:
         """:meth:`few_shot_distances` on the patch grid, upsampled bilinearly to the image size.
@@ -244,10 +259,12 @@ class AprilGAN(AnomalyMethod):
         Returns:
             (B, n_fs, S, S) distances in [0, 2].
         """
-        dist = self.few_shot_distances(stage_tokens, class_names)  # (B, n, P)
-        b, n, _ = dist.shape
-        g, size = self.backbone.grid_size, self.backbone.image_size
-        return self._upsample(dist.view(b * n, 1, g, g)).view(b, n, size, size)
+        return self._upsample_distances(self.few_shot_distances(stage_tokens, class_names))
+
+    def _upsample_distances(self, dist: Tensor) -> Tensor:
+        """(B, n, P) patch distances -> (B, n, S, S) bilinearly upsampled."""
+        n, g, size = dist.shape[1], self.backbone.grid_size, self.backbone.image_size
+        return self._upsample(dist.reshape(-1, 1, g, g)).view(-1, n, size, size)
 
     # ---------------------------------------------------------------- scores
     @fp32
@@ -281,10 +298,52 @@ class AprilGAN(AnomalyMethod):
         m = map_max.double()
         return 0.5 * (text_probs.double() + (m - m.min()) / (m.max() - m.min()))
 
+    def _score_mode(self) -> str:
+        """``text`` / ``map_max`` / ``fusion``: the per-image score (refuses the transductive k-shot fusion)."""
+        # The reference's k-shot score is the fusion; image_score="text" means "as the reference".
+        mode = "fusion" if self.k_shot and self.image_score == "text" else self.image_score
+        if mode == "fusion" and self.transductive:
+            raise RuntimeError(
+                "image_fusion='transductive_minmax' normalises over all test images of a category; it cannot "
+                "score a batch: accumulate every batch of the category, then score_accumulated (the module does), "
+                "or call fuse_scores_minmax on the whole category's text probabilities and map maxima."
+            )
+        return mode
+
+    def class_constants(self, class_name: str) -> dict[str, Tensor]:
+        """``text`` (2, D) prompt prototypes; with ``k_shot`` > 0 ``memory`` (n_fs, K*P, W) reference tokens."""
+        constants = {"text": self.text_features(class_name)}
+        if self.k_shot:
+            constants["memory"] = self._class_memory(class_name)
+        return constants
+
+    def score(
+        self, images: Tensor, constants: dict[str, Tensor], features: dict[str, Tensor] | None = None
+    ) -> Prediction:
+        """The eval forward of (B, 3, S, S) images of one class (what export traces).
+
+        Args:
+            images: (B, 3, S, S) CLIP-normalised (unused when ``features`` are given).
+            constants: :meth:`class_constants` of their class.
+            features: optional output of :meth:`encode_images` for these images.
+
+        Returns:
+            Prediction with (B,) scores and (B, S, S) maps ([0, 1] unless ``stage_reduce="sum"``).
+        """
+        mode = self._score_mode()
+        feats = self.image_features(images) if features is None else features
+        text_feats = constants["text"].expand(feats["global"].shape[0], -1, -1)  # (B, 2, D)
+        dist = None
+        if self.k_shot:
+            dist = self._upsample_distances(self.memory_distances(self._few_shot_tokens(feats), constants["memory"]))
+        amap, text_score, map_max = self._combine(feats, text_feats, dist)
+        score = {"text": text_score, "map_max": map_max, "fusion": 0.5 * (text_score + map_max)}[mode]
+        return Prediction(pred_score=score, anomaly_map=amap)
+
     def forward(
         self, images: Tensor, class_names: Sequence[str], features: dict[str, Tensor] | None = None
     ) -> Prediction:
-        """Score a batch.
+        """Score a batch: :meth:`score` per class (batches may mix classes).
 
         Args:
             images: (B, 3, S, S) CLIP-normalised (unused when ``features`` are given).
@@ -294,17 +353,9 @@ class AprilGAN(AnomalyMethod):
         Returns:
             Prediction with (B,) scores and (B, S, S) maps ([0, 1] unless ``stage_reduce="sum"``).
         """
-        # The reference's k-shot score is the fusion; image_score="text" means "as the reference".
-        mode = "fusion" if self.k_shot and self.image_score == "text" else self.image_score
-        if mode == "fusion" and self.transductive:
-            raise RuntimeError(
-                "image_fusion='transductive_minmax' normalises over all test images of a category; it cannot "
-                "score a batch: accumulate every batch of the category, then score_accumulated (the module does), "
-                "or call fuse_scores_minmax on the whole category's text probabilities and map maxima."
-            )
-        amap, text_score, map_max = self._batch_parts(images, class_names, features)
-        score = {"text": text_score, "map_max": map_max, "fusion": 0.5 * (text_score + map_max)}[mode]
-        return Prediction(pred_score=score, anomaly_map=amap)
+        self._score_mode()  # the transductive refusal comes before any class look-up
+        features = self.image_features(images) if features is None else features  # one pass for a mixed batch
+        return super().forward(images, list(class_names), features)
 
     @property
     def transductive(self) -> bool:
@@ -331,11 +382,20 @@ class AprilGAN(AnomalyMethod):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, S, S) output map, (B,) anomalous text probability and (B,) max of the [0, 1] map of a batch."""
         feats = self.image_features(images) if features is None else features
-        text_feats = self._batch_text_features(class_names)  # (B, 2, D)
+        dist = self.few_shot_maps(self._few_shot_tokens(feats), class_names) if self.k_shot else None
+        return self._combine(feats, self._batch_text_features(class_names), dist)
+
+    def _combine(
+        self, feats: dict[str, Tensor], text_feats: Tensor, dist: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Maps and scores from :meth:`encode_images` features, (B, 2, D) prototypes and (B, n_fs, S, S) distances.
+
+        Returns:
+            (B, S, S) output map, (B,) anomalous text probability, (B,) max of the [0, 1] map.
+        """
         zero_shot = self.stage_maps(feats["stages"], text_feats)[:, :, 1]  # (B, n, S, S)
         unit_map, sum_map = zero_shot.mean(1), zero_shot.sum(1)  # (B, S, S)
-        if self.k_shot:
-            dist = self.few_shot_maps(self._few_shot_tokens(feats), class_names)  # (B, n_fs, S, S)
+        if dist is not None:
             # Reference: Σ P_s + Σ d_s, range [0, n + 2 n_fs]. The [0, 1] map divides that sum by its range, a
             # positive constant: the same ranking (AUROC, AP, AUPRO) as the reference's map.
             sum_map = sum_map + dist.sum(1)

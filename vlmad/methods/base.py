@@ -116,19 +116,23 @@ class AnomalyMethod(nn.Module):
             reference_images: (K, 3, S, S) normal images of the category when ``k_shot`` > 0.
         """
 
-    def forward(self, images: Tensor, class_names: list[str]) -> Prediction:
+    def forward(self, images: Tensor, class_names: list[str], features: dict[str, Tensor] | None = None) -> Prediction:
         """Score a batch of (B, 3, S, S) normalised images of the given classes (eval path).
 
         Per-image methods implement :meth:`class_constants` and :meth:`score`; this groups the batch by class so
         the same code serves mixed batches, the single-class batches of evaluation and the exported graph.
+        ``features`` (a precomputed :meth:`encode_images` dict of (B, ...) tensors) is passed on, split by class,
+        as ``score(..., features=...)``: only for methods whose ``score`` takes it.
         """
         names = list(class_names) if len(class_names) == len(images) else [class_names[0]] * len(images)
         if len(set(names)) == 1:
-            return self.score(images, self.class_constants(names[0]))
+            extra = {} if features is None else {"features": features}
+            return self.score(images, self.class_constants(names[0]), **extra)
         scores, maps = images.new_empty(len(images)), None
         for name in dict.fromkeys(names):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=images.device)
-            pred = self.score(images[index], self.class_constants(name))
+            extra = {} if features is None else {"features": {k: v[index] for k, v in features.items()}}
+            pred = self.score(images[index], self.class_constants(name), **extra)
             maps = pred.anomaly_map.new_empty(len(images), *pred.anomaly_map.shape[1:]) if maps is None else maps
             scores = scores.to(pred.pred_score.dtype)
             scores[index], maps[index] = pred.pred_score, pred.anomaly_map

@@ -139,17 +139,26 @@ def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
 def min_cosine_distance(queries: Tensor, memory: Tensor, chunk: int = 8192) -> Tensor:
     """min over memory of (1 - cos) for every query.
 
+    The memory rows are taken ``chunk`` at a time (a step holds N × chunk cosines): their count is fixed by the
+    memory, never by the number of queries, so a traced graph keeps a dynamic batch axis. A max over chunks of
+    row maxima is the max of the row, so chunking does not change any value.
+
     Args:
         queries: (N, C).
-        memory: (M, C).
+        memory: (M, C), M >= 1.
+        chunk: memory rows per step.
 
     Returns:
         (N,) distances in [0, 2].
     """
+    if memory.shape[0] == 0:
+        raise ValueError("min_cosine_distance: empty memory")
     q = F.normalize(queries, dim=-1)
-    m = F.normalize(memory, dim=-1)
-    out = [1 - (q[i : i + chunk] @ m.T).max(dim=1).values for i in range(0, q.shape[0], chunk)]
-    return torch.cat(out) if out else q.new_zeros(0)
+    best = None
+    for rows in F.normalize(memory, dim=-1).split(chunk):  # (c, C)
+        sim = (q @ rows.T).amax(dim=1)  # (N,)
+        best = sim if best is None else torch.maximum(best, sim)
+    return 1 - best
 
 
 __all__ = [

@@ -69,7 +69,10 @@ class WinCLIP(AnomalyMethod):
         few_shot_levels: memory levels, ``patch`` and/or window scales.
         fusion: zero-/few-shot fusion, ``mean`` (anomalib) or ``harmonic`` 1/(1/a + 1/b) (caoyunkang/WinClip).
         smoothing_sigma: Gaussian sigma in pixels on the upsampled map (scipy semantics); 0 = off (anomalib).
-        window_chunk: max window sequences per transformer call (bounds memory).
+        window_chunk: max windows per image in one transformer call (bounds memory: a call holds B × this
+            many window sequences). The number of calls depends only on the window count, never on the batch
+            size, so the exported graph keeps a dynamic batch axis. The default 512 keeps every scale of
+            ViT-B/16+ at 240 px in one call; 512 × the default batch of 8 is the former 4096-sequence bound.
     """
 
     tensor_state = ("memory",)  # few-shot memories follow .to() / .cuda() (AnomalyMethod._apply)
@@ -88,7 +91,7 @@ class WinCLIP(AnomalyMethod):
         few_shot_levels: tuple = ("patch", 2, 3),
         fusion: str = "mean",
         smoothing_sigma: float = 0.0,
-        window_chunk: int = 4096,
+        window_chunk: int = 512,
     ) -> None:
         super().__init__(backbone, k_shot)
         grid = backbone.grid_size
@@ -171,10 +174,13 @@ class WinCLIP(AnomalyMethod):
             (B, n_win, D) ``ln_post(CLS) @ proj`` of every window.
         """
         sequence = getattr(self, f"window_sequence_{scale}")  # (n_win, 1+k²)
-        windows = tokens[:, sequence].flatten(0, 1)  # (B·n_win, 1+k², W)
-        # All windows of all images in one batch (chunked); blocks() keeps open_clip's batch-first layout.
-        cls = torch.cat([self.backbone.blocks(chunk)[0][:, 0] for chunk in windows.split(self.window_chunk)])
-        return self.backbone.project(cls).view(tokens.shape[0], len(sequence), -1)  # (B, n_win, D)
+        cls = []
+        # Chunks of windows, each for every image at once: the chunk count does not depend on B (export traces
+        # this code with a dynamic batch axis). blocks() keeps open_clip's batch-first layout.
+        for chunk in sequence.split(self.window_chunk):  # (c, 1+k²)
+            windows = tokens[:, chunk].flatten(0, 1)  # (B·c, 1+k², W)
+            cls.append(self.backbone.blocks(windows)[0][:, 0].view(-1, len(chunk), tokens.shape[-1]))  # (B, c, W)
+        return self.backbone.project(torch.cat(cls, dim=1))  # (B, n_win, D)
 
     def encode(self, images: Tensor, scales: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
         """Full-image embedding, patch tokens and window embeddings.
@@ -298,6 +304,13 @@ class WinCLIP(AnomalyMethod):
                 maps[level] = self.harmonic_aggregate(self.association_scores(window_emb[level], memory[level]), level)
         return maps
 
+    def few_shot_mean(
+        self, patch_tokens: Tensor, window_emb: dict[int, Tensor], memory: dict[str | int, Tensor]
+    ) -> Tensor:
+        """M_few of one class: arithmetic mean of the :meth:`few_shot_level_maps`, (B, G, G) in float32 or wider."""
+        grid_map = torch.stack(list(self.few_shot_level_maps(patch_tokens, window_emb, memory).values())).mean(dim=0)
+        return grid_map.to(torch.promote_types(grid_map.dtype, torch.float32))
+
     def few_shot_grid(self, patch_tokens: Tensor, window_emb: dict[int, Tensor], class_names: list[str]) -> Tensor:
         """M_few: arithmetic mean of the level maps, each image against its own class's memory.
 
@@ -316,10 +329,9 @@ class WinCLIP(AnomalyMethod):
             if name not in self.memory:
                 raise ValueError(f"WinCLIP: k_shot={self.k_shot} but prepare({name!r}, references) was not called")
             sel = torch.tensor([i for i, n in enumerate(class_names) if n == name], device=out.device)
-            maps = self.few_shot_level_maps(
+            out[sel] = self.few_shot_mean(
                 patch_tokens[sel], {k: e[sel] for k, e in window_emb.items()}, self.memory[name]
-            )
-            out[sel] = torch.stack(list(maps.values())).mean(dim=0)
+            ).to(dtype)
         return out
 
     def _fuse(self, zero_shot: Tensor, few_shot: Tensor) -> Tensor:
@@ -327,27 +339,36 @@ class WinCLIP(AnomalyMethod):
             return (zero_shot + few_shot) / 2
         return (1.0 / (1.0 / zero_shot + 1.0 / few_shot)).nan_to_num(nan=0.0)  # caoyunkang/WinClip
 
-    @torch.no_grad()
-    def predict_grid(self, images: Tensor, class_names: list[str]) -> tuple[Tensor, Tensor]:
-        """Image scores and grid maps before upsampling.
+    def class_constants(self, class_name: str) -> dict[str, Tensor]:
+        """``prototypes`` (2, D) [normal, anomalous] text prototypes; for WinCLIP+ ``memory_<level>`` (K·n, C)."""
+        constants = {"prototypes": self.text_prototypes(class_name)}
+        if self.k_shot > 0:
+            if class_name not in self.memory:
+                raise ValueError(
+                    f"WinCLIP: k_shot={self.k_shot} but prepare({class_name!r}, references) was not called"
+                )
+            constants.update({f"memory_{level}": m for level, m in self.memory[class_name].items()})
+        return constants
+
+    def grid_scores(self, features: dict[str, Tensor], constants: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Image scores and grid maps of one class before upsampling.
 
         Args:
-            images: (B, 3, S, S) CLIP-normalised.
-            class_names: B class names.
+            features: :meth:`encode_images` output of B images.
+            constants: :meth:`class_constants` of their class.
 
         Returns:
             scores (B,); grid maps (B, G, G) (zero-shot M0, or the fused map for WinCLIP+).
         """
-        if len(class_names) != images.shape[0]:
-            raise ValueError(f"WinCLIP: {images.shape[0]} images but {len(class_names)} class names")
-        embedding, patch_tokens, window_emb = self._unpack(self.image_features(images))
-        protos = torch.stack([self.text_prototypes(n) for n in class_names])  # (B, 2, D)
+        embedding, patch_tokens, window_emb = self._unpack(features)
+        protos = constants["prototypes"]  # (2, D), shared by the batch
         image_scores = self.class_scores(embedding[:, None], protos)[:, 0]  # (B,)
         window_scores = {k: self.class_scores(e, protos) for k, e in window_emb.items()}  # (B, n_win)
         grid_map = self.zero_shot_grid(image_scores, window_scores)  # (B, G, G)
         scores = image_scores
         if self.k_shot > 0:
-            few = self.few_shot_grid(patch_tokens, window_emb, class_names)  # (B, G, G)
+            memory = {level: constants[f"memory_{level}"] for level in self.few_shot_levels}
+            few = self.few_shot_mean(patch_tokens, window_emb, memory)  # (B, G, G)
             grid_map = self._fuse(grid_map, few)
             scores = self._fuse(image_scores, few.flatten(1).amax(dim=1))  # max on the grid, as anomalib
         if self.image_score == "map_max":
@@ -355,20 +376,46 @@ class WinCLIP(AnomalyMethod):
         return scores, grid_map
 
     @torch.no_grad()
-    def forward(self, images: Tensor, class_names: list[str]) -> Prediction:
-        """Score a batch.
+    def predict_grid(self, images: Tensor, class_names: list[str]) -> tuple[Tensor, Tensor]:
+        """:meth:`grid_scores` of (B, 3, S, S) images of one class (``class_names``: B copies of its name)."""
+        if len(class_names) != images.shape[0] or len(set(class_names)) != 1:
+            raise ValueError(f"WinCLIP.predict_grid: {images.shape[0]} images of one class, got names {class_names}")
+        return self.grid_scores(self.image_features(images), self.class_constants(class_names[0]))
+
+    @torch.no_grad()
+    def score(
+        self, images: Tensor, constants: dict[str, Tensor], features: dict[str, Tensor] | None = None
+    ) -> Prediction:
+        """The eval forward of (B, 3, S, S) CLIP-normalised images of one class (what export traces).
 
         Args:
             images: (B, 3, S, S) CLIP-normalised.
-            class_names: B class names (batches may mix classes).
+            constants: :meth:`class_constants` of their class.
+            features: their :meth:`encode_images` output when already computed.
+
+        Returns:
+            Prediction with pred_score (B,) and anomaly_map (B, S, S), both clamped to [0, 1].
+        """
+        features = self.image_features(images) if features is None else features
+        scores, grid_map = self.grid_scores(features, constants)
+        pixel = F.interpolate(grid_map[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        pixel = gaussian_blur(pixel, self.smoothing_sigma)  # (B, S, S)
+        return Prediction(pred_score=scores.clamp(0, 1), anomaly_map=pixel.clamp(0, 1))
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, class_names: list[str]) -> Prediction:
+        """Score a batch: :meth:`score` per class (batches may mix classes), then a finite check.
+
+        Args:
+            images: (B, 3, S, S) CLIP-normalised.
+            class_names: B class names.
 
         Returns:
             Prediction with pred_score (B,) and anomaly_map (B, S, S), both in [0, 1].
         """
-        scores, grid_map = self.predict_grid(images, class_names)
-        size = images.shape[-2:]
-        pixel = F.interpolate(grid_map[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        pixel = gaussian_blur(pixel, self.smoothing_sigma)  # (B, S, S)
-        if not (torch.isfinite(scores).all() and torch.isfinite(pixel).all()):
+        if len(class_names) != images.shape[0]:
+            raise ValueError(f"WinCLIP: {images.shape[0]} images but {len(class_names)} class names")
+        pred = super().forward(images, class_names, self.image_features(images))  # one pass for a mixed batch
+        if not (torch.isfinite(pred.pred_score).all() and torch.isfinite(pred.anomaly_map).all()):
             raise FloatingPointError("WinCLIP produced non-finite scores")
-        return Prediction(pred_score=scores.clamp(0, 1), anomaly_map=pixel.clamp(0, 1))
+        return pred
