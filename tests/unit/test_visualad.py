@@ -52,8 +52,8 @@ def test_shapes_range_and_unit_scale_is_affine_to_the_reference_sum(backbone, im
     with torch.no_grad():
         pred, ref = method(images, ["object"] * 4), raw(images, ["object"] * 4)
     assert pred.pred_score.shape == (4,) and pred.anomaly_map.shape == (4, SIZE, SIZE)
-    assert 0 <= float(pred.anomaly_map.min()) and float(pred.anomaly_map.max()) <= 1
-    assert 0 <= float(pred.pred_score.min()) and float(pred.pred_score.max()) <= 1
+    assert float(pred.anomaly_map.min()) >= 0 and float(pred.anomaly_map.max()) <= 1
+    assert float(pred.pred_score.min()) >= 0 and float(pred.pred_score.max()) <= 1
     assert float(ref.anomaly_map.abs().max()) <= 2 * len(LAYERS)
     torch.testing.assert_close(pred.anomaly_map, (ref.anomaly_map / len(LAYERS) + 2) / 4)
     torch.testing.assert_close(pred.pred_score, (ref.pred_score / len(LAYERS) + 2) / 4)
