@@ -150,6 +150,15 @@ def test_cli_help_and_unknown_command(capsys, monkeypatch):
     assert report_seen == [["multirun/x"]]
 
 
+def test_package_description_names_every_method():
+    import re
+
+    description = re.search(r'^description = "(.*)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    methods = ("WinCLIP", "AnomalyCLIP", "APRIL-GAN", "MuSc", "VisualAD", "AnomalyDINO", "SubspaceAD")
+    assert all(m in description for m in methods), description
+    assert any(line.strip() in ("dist/", "/dist/") for line in (ROOT / ".gitignore").read_text().splitlines())
+
+
 def test_public_api_is_lazy_and_complete():
     code = "import sys, vlmad; assert 'torch' not in sys.modules; print(sorted(vlmad.__all__))"
     names = _run([sys.executable, "-c", code], cwd=ROOT).stdout

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
 
 import pytest
 
@@ -36,6 +38,11 @@ def test_evaluate_winclip_writes_table_csv_and_heatmaps(make_cfg, k_shot, capsys
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
     for category in categories:
         assert len(list((out / "heatmaps" / category).glob("*.png"))) == 2
+    info = json.loads((out / "run.json").read_text())  # provenance: versions, commit, time taken, devices
+    assert info["status"] == "done" and 0 < info["duration_s"] < 600 and info["started"]
+    assert {"python", "vlmad", "torch", "open_clip_torch", "lightning"} <= set(info["versions"])
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", info["git_sha"])  # the suite runs from a checkout
+    assert info["accelerator"] == "cpu" and "devices" in info and info["precision"] is not None
     if k_shot:
         refs = sorted((out / "references").glob("*.txt"))
         assert len(refs) == len(categories)

@@ -160,3 +160,26 @@ def test_roc_pr_points_match_sklearn():
     assert np.sum(np.diff(np.r_[0.0, tpr[1:]]) * precision) == pytest.approx(average_precision_score(labels, scores))
     svg = svg_plot([("ROC", fpr, tpr)], "t", "FPR", "TPR", diagonal=True)
     assert svg.startswith("<svg") and "<polyline" in svg and "http" not in svg
+
+
+def test_predictions_csv_has_absolute_paths_and_no_negative_zero(tmp_path, monkeypatch):
+    from vlmad.metrics.table import percent, write_csv
+    from vlmad.outputs.predictions import write_predictions
+
+    monkeypatch.chdir(tmp_path)
+    outputs = CategoryOutputs("cat", num_panels=1)
+    batch = {
+        "path": ["data/cat/a.png", "data/cat/b.png|data/cat/c.png"],  # a relative root; a mosaic of two tiles
+        "label": torch.tensor([0, 1]),
+        "defect_type": ["good", "hole"],
+        "has_mask": torch.ones(2, dtype=bool),
+    }
+    outputs.add(batch, torch.tensor([-0.0, 0.5]), torch.full((2, 4, 4), -0.0))
+    rows = outputs.finish({"image_threshold": None, "pixel_threshold": None, "source": "none"})
+    assert rows[0]["path"] == str(tmp_path / "data/cat/a.png")
+    assert rows[1]["path"] == f"{tmp_path / 'data/cat/b.png'}|{tmp_path / 'data/cat/c.png'}"
+    write_predictions(tmp_path / "predictions.csv", rows)
+    write_csv(tmp_path / "metrics.csv", {"cat": {"image_auroc": -0.0, "pixel_aupro_legacy": -0.0}})
+    for name in ("predictions.csv", "metrics.csv"):
+        assert "-0.0" not in (tmp_path / name).read_text()
+    assert percent(-1e-9) == "0.0" and percent(0.5, -1e-9) == "50.0 ± 0.0"

@@ -440,7 +440,7 @@ def _score_all(
                 maps[len(rows)] = amap
                 samples.append(amap.ravel()[:: max(1, amap.size // MAP_SAMPLE)])
                 row = {
-                    "path": str(path),
+                    "path": os.path.abspath(path),  # absolute, as evaluation's predictions.csv
                     "category": cfg.class_name,
                     "label": None,  # new images have no label (evaluation's column, empty here)
                     "defect_type": None,
@@ -460,7 +460,7 @@ def _score_all(
                 }
                 rows.append(row)
                 writer.writerow(
-                    {k: "" if row[k] is None else row[k] for k in PREDICTION_COLUMNS} | {"path": safe_name(path)}
+                    {k: "" if row[k] is None else row[k] for k in PREDICTION_COLUMNS} | {"path": safe_name(row["path"])}
                 )
             table.flush()  # rows are on disk as they are made: a crash keeps every scored image
             log.info("scored %d / %d images", len(rows), len(paths))

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vlmad.config import target_name
 from vlmad.metrics.published import lookup
-from vlmad.metrics.table import MEAN_ROW, format_markdown, format_table, render_table
+from vlmad.metrics.table import MEAN_ROW, format_markdown, format_table, number, percent, render_table
 from vlmad.outputs.report import run_info, write_run_json
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def side_by_side(results: dict[str, dict[str, dict[str, float]]], published: dic
 def _write_wide(path: Path, table: dict[str, dict[str, float]]) -> None:
     columns = list(dict.fromkeys(c for row in table.values() for c in row))
     lines = [",".join(["category", *columns])]
-    lines += [",".join([name, *(repr(float(row.get(c, math.nan))) for c in columns)]) for name, row in table.items()]
+    lines += [",".join([name, *(number(float(row.get(c, math.nan))) for c in columns)]) for name, row in table.items()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -127,7 +127,7 @@ def _markdown_wide(table: dict[str, dict[str, float]], title: str) -> str:
     cells = [
         [
             f"**{name}**" if name.startswith(MEAN_ROW) else name,
-            *("" if math.isnan(row.get(c, math.nan)) else f"{100 * row[c]:.1f}" for c in columns),
+            *("" if math.isnan(row.get(c, math.nan)) else percent(row[c]) for c in columns),
         ]
         for name, row in table.items()
     ]

@@ -95,8 +95,18 @@ def summarise(per_category: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 
 def _percent(value: float | None) -> str:
-    # + 0.0 turns a rounded -0.0 (a float-noise negative, e.g. legacy AUPRO) into 0.0
-    return "n/a" if value is None or math.isnan(value) else f"{round(100 * value, 1) + 0.0:.1f}"
+    return "n/a" if value is None or math.isnan(value) else percent(value)
+
+
+def percent(value: float, std: float | None = None) -> str:
+    """``61.1`` or ``61.1 ± 2.3`` for fractions; never ``-0.0`` (a rounded float-noise negative shows as 0.0)."""
+    text = f"{round(100 * value, 1) + 0.0:.1f}"  # + 0.0 turns -0.0 into 0.0
+    return text + (f" ± {round(100 * std, 1) + 0.0:.1f}" if std is not None and not math.isnan(std) else "")
+
+
+def number(value: float) -> str:
+    """A float for a CSV file: ``repr`` (round-trips), ``nan``, and ``0.0`` for a negative zero."""
+    return "nan" if math.isnan(value) else repr(float(value) + 0.0)
 
 
 def render_table(
@@ -188,7 +198,7 @@ def write_csv(path: str | os.PathLike, rows: dict[str, dict[str, float]]) -> Non
     writer.writerow(["category", *columns, *COUNT_COLUMNS])
     for name in _ordered(rows):
         values = [rows[name].get(c, math.nan) for c in columns]
-        cells = ["nan" if math.isnan(v) else repr(float(v)) for v in values]
+        cells = [number(v) for v in values]
         writer.writerow([name, *cells, *(counts[name][c] for c in COUNT_COLUMNS)])
     atomic_write(path, text.getvalue())
 

@@ -6,6 +6,8 @@ import math
 import re
 from typing import Any
 
+from vlmad.metrics.table import percent
+
 GROUP_FIELDS = (
     "experiment",
     "method",
@@ -41,7 +43,7 @@ def cell(row: dict[str, Any], column: str) -> str:
     if not isinstance(value, float):
         return str(value)
     std = row.get(column.replace(" (paper)", "_std (paper)") if column.endswith("(paper)") else f"{column}_std")
-    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None and not math.isnan(std) else "")
+    return percent(value, std)
 
 
 def display_columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from vlmad.metrics.names import METRIC_NAMES
 from vlmad.metrics.published import PUBLISHED, lookup
-from vlmad.metrics.table import MEAN_ROW, coverage_notes, read_csv
+from vlmad.metrics.table import MEAN_ROW, coverage_notes, percent, read_csv
 from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns
 
 REPORT = "report.html"
@@ -46,8 +46,7 @@ def _esc(value: Any) -> str:
 def _pct(value: float | None, std: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    text = f"{100 * value:.1f}"
-    return text + (f" ± {100 * std:.1f}" if std is not None and not math.isnan(std) else "")
+    return percent(value, std)
 
 
 def _page(title: str, body: list[str]) -> str:

@@ -80,6 +80,12 @@ def calibrate_threshold(
     }
 
 
+def absolute_path(path: str) -> str:
+    """The absolute form of an image path as ``predictions.csv`` writes it (a mosaic's ``a|b|c`` part by part)."""
+    return "|".join(os.path.abspath(part) for part in path.split("|"))
+
+
+# ``path`` is absolute (data roots and inputs given relative are resolved against the working directory).
 PREDICTION_COLUMNS = (
     "path",
     "category",
@@ -185,13 +191,13 @@ class CategoryOutputs:
             index = len(self.rows)
             self.rows.append(
                 {
-                    "path": str(batch["path"][i]),
+                    "path": absolute_path(str(batch["path"][i])),
                     "category": self.category,
                     "label": int(batch["label"][i]),
                     "defect_type": str(batch["defect_type"][i]),
                     "has_mask": bool(batch["has_mask"][i]),
-                    "image_score": float(scores_np[i]),
-                    "max_pixel_score": float(maps_np[i].max()),
+                    "image_score": float(scores_np[i]) + 0.0,  # + 0.0: never -0.0 in the file
+                    "max_pixel_score": float(maps_np[i].max()) + 0.0,
                 }
             )
             self.maps[index] = maps_np[i].astype(np.float16)  # display only: half the memory

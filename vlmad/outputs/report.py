@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
 import os
 import re
+import platform
 import socket
 from collections.abc import Iterable
 from datetime import datetime
@@ -119,8 +121,74 @@ def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, A
         "time": datetime.now().isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **_timing(cfg.paths.output_dir, status),
+        **_devices(cfg),
+        "versions": package_versions(),
+        "git_sha": git_sha(),
         **extra,
     }
+
+
+# the packages whose versions change numbers or behaviour (those installed are recorded)
+_PACKAGES = ("vlmad", "torch", "torchvision", "open_clip_torch", "timm", "lightning", "hydra-core", "numpy")
+
+
+@functools.cache
+def package_versions() -> dict[str, str]:
+    """``{"python": "3.11.7", "torch": "2.14.1", ...}`` for the installed packages of ``_PACKAGES``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+@functools.cache
+def git_sha() -> str | None:
+    """The commit of the checkout vlmad runs from (``<sha>+dirty`` with uncommitted changes); None when installed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    git = ["git", "-C", str(root)]
+    try:
+        sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _timing(out_dir: str | os.PathLike, status: str) -> dict[str, Any]:
+    """``started`` (kept from the run's first run.json) and, once it ended, ``duration_s``."""
+    now = datetime.now()
+    started = None
+    if status != "running":
+        try:
+            started = json.loads((Path(out_dir) / RUN_JSON).read_text()).get("started")
+        except (OSError, ValueError, AttributeError):
+            started = None
+    started = started or now.isoformat(timespec="milliseconds")
+    if status == "running":
+        return {"started": started}
+    return {"started": started, "duration_s": round((now - datetime.fromisoformat(started)).total_seconds(), 1)}
+
+
+def _devices(cfg: DictConfig) -> dict[str, Any]:
+    """The trainer's accelerator, devices and precision as configured, and the GPU names when torch sees any."""
+    import sys
+
+    trainer = cfg.get("trainer") or {}
+    out = {k: trainer.get(k) for k in ("accelerator", "devices", "precision")}
+    torch = sys.modules.get("torch")  # never imported for this: run.json is written by runs that have it loaded
+    if torch is not None and torch.cuda.is_available():
+        out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return out
 
 
 def write_run_json(out_dir: str | os.PathLike, info: dict[str, Any]) -> Path:
