@@ -270,6 +270,7 @@ class Scorer:
         image_size: S.
         threshold: the thresholds used (``image_threshold``, ``pixel_threshold``, ``source``, ...).
         title: what scored: method, backbone, backend.
+        class_name: the object's name (an export's own, from its manifest).
     """
 
     score: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -277,6 +278,7 @@ class Scorer:
     image_size: int
     threshold: dict[str, Any]
     title: str
+    class_name: str
 
 
 def _write_outputs(
@@ -308,7 +310,8 @@ def _torch_scorer(cfg: DictConfig, out: Path) -> Scorer:
         return pred.pred_score.float().cpu().numpy(), pred.anomaly_map.float().cpu().numpy()
 
     title = f"{type(method).__name__} k_shot={method.k_shot} | {method.backbone.model_name} | torch"
-    return Scorer(score, lambda image: preprocess(image, None)[0].numpy(), method.backbone.image_size, threshold, title)
+    size = method.backbone.image_size
+    return Scorer(score, lambda image: preprocess(image, None)[0].numpy(), size, threshold, title, cfg.class_name)
 
 
 def load_exported(cfg: DictConfig) -> Scorer:
@@ -326,7 +329,8 @@ def load_exported(cfg: DictConfig) -> Scorer:
     model = runtime.load(cfg.model, cfg.backend, device=None if device.lower() in ("auto", "cpu") else device)
     info = model.info
     title = f"{info['method']} k_shot={info['k_shot']} | {info['backbone']['model_name']} | {cfg.backend} export"
-    return Scorer(model.run, model.preprocess, model.image_size, _exported_threshold(cfg, model), title)
+    threshold = _exported_threshold(cfg, model)
+    return Scorer(model.run, model.preprocess, model.image_size, threshold, title, str(info["class_name"]))
 
 
 def _exported_threshold(cfg: DictConfig, model: runtime.DeployedModel) -> dict[str, Any]:
@@ -441,7 +445,7 @@ def _score_all(
                 samples.append(amap.ravel()[:: max(1, amap.size // MAP_SAMPLE)])
                 row = {
                     "path": os.path.abspath(path),  # absolute, as evaluation's predictions.csv
-                    "category": cfg.class_name,
+                    "category": scorer.class_name,
                     "label": None,  # new images have no label (evaluation's column, empty here)
                     "defect_type": None,
                     "has_mask": None,
@@ -477,7 +481,7 @@ def _draw_panels(
         return
     maps = np.load(maps_file, mmap_mode="r")
     note = f"{scale[0]:.3g}..{scale[1]:.3g} = p{SCALE_PERCENTILES[0]:g}-p{SCALE_PERCENTILES[1]:g} of this run's maps"
-    folder = out / "heatmaps" / str(cfg.class_name)
+    folder = out / "heatmaps" / str(scorer.class_name)
     by = "image score" if cfg.threshold.use == "score" else "max pixel"
     for k, row in enumerate(rows):
         try:
@@ -487,7 +491,7 @@ def _draw_panels(
             continue
         size = display_size((image.height, image.width))
         header = [
-            f"{cfg.class_name}  ({safe_name(Path(row['path']).name)}): new image, no label",
+            f"{scorer.class_name}  ({safe_name(Path(row['path']).name)}): new image, no label",
             f"image score {row['image_score']:.4f}  max pixel {row['max_pixel_score']:.4f}  "
             f"{row['decision']} at {by} threshold {row['threshold']:.4g}",
             f"threshold: {row['threshold_source']}",
@@ -532,7 +536,7 @@ def _write_reports(
         notes = [
             f"input: {safe_name(Path(str(cfg.input)).resolve())}; {len(skipped)} files skipped"
             + (" (skipped.txt)" if skipped else ""),
-            f"panels: heatmaps/{cfg.class_name}/; masks at each image's own size: masks/; colour scale "
+            f"panels: heatmaps/{scorer.class_name}/; masks at each image's own size: masks/; colour scale "
             f"{scale[0]:.3g}..{scale[1]:.3g} (p{SCALE_PERCENTILES[0]:g}-p{SCALE_PERCENTILES[1]:g} of this run's maps)",
         ]
         report_rows = [{**r, "path": safe_name(r["path"])} for r in rows]
