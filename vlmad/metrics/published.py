@@ -236,6 +236,16 @@ _DINO = {
     "subspacead_visa_k4": {"image_auroc": 94.7},
 }
 
+# --- VisualAD (Hou et al., CVPR 2026): zero-shot, tokens learned on the other dataset -------------------------------
+# README of 7HHHHH/VisualAD @ 8479132 (CLIP ViT-L/14@336, 518 px); its PRO is the 200-threshold, FPR <= 0.3 variant
+# (AnomalyCLIP's) -> pixel_aupro_legacy.
+_VISUALAD_COLS = _APRILGAN_COLS
+_VISUALAD_SRC = "VisualAD README (7HHHHH/VisualAD @ 8479132, CLIP ViT-L/14@336 at 518 px; PRO = legacy)"
+_VISUALAD = {
+    "visualad_visa_to_mvtec": (92.2, 93.2, 96.7, 90.8, 43.9, 41.2, 87.5),
+    "visualad_mvtec_to_visa": (84.7, 82.5, 87.6, 95.8, 34.6, 28.4, 91.0),
+}
+
 
 def _build() -> dict[str, Published]:
     out: dict[str, Published] = {}
@@ -250,6 +260,8 @@ def _build() -> dict[str, Published]:
         out[key] = Published(_APRILGAN_SRC, _row(_APRILGAN_COLS, mean))
     for key, (mean, cats_text) in _MUSC.items():
         out[key] = Published(_MUSC_SRC, _row(_MUSC_COLS, mean), per_category=_table(_MUSC_CAT_COLS, cats_text))
+    for key, mean in _VISUALAD.items():
+        out[key] = Published(_VISUALAD_SRC, _row(_VISUALAD_COLS, mean))
     for key, mean in _DINO.items():
         out[key] = Published(_DINO_SRC[key.split("_")[0]], dict(mean))
     return out
@@ -278,7 +290,8 @@ def published_id(method: str, data: str, target_or_k: str | int = 0) -> str | No
     """The published id of a setting, derived from its data (the ``${published:...}`` config resolver).
 
     Args:
-        method: id prefix: ``winclip``, ``anomalyclip``, ``aprilgan``, ``musc``, ``anomalydino``, ``subspacead``.
+        method: id prefix: ``winclip``, ``anomalyclip``, ``aprilgan``, ``musc``, ``visualad``, ``anomalydino``,
+            ``subspacead``.
         data: ``_target_`` of the evaluated reader (with a target: the reader fitted on).
         target_or_k: ``_target_`` of the test reader (a cross-dataset transfer), or ``k_shot``.
 
