@@ -7,19 +7,26 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 
 # Lightning's "GPU available: ...", "💡 Tip: ..." and similar lines come through these loggers at INFO.
 QUIET_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
     "lightning.fabric.utilities.seed",  # "Seed set to 0" on every build
+    "lightning.fabric.utilities.distributed",  # "Initializing distributed: GLOBAL_RANK: ..." once per rank
 )
 # Deprecations inside our dependencies that a user can do nothing about (message regexes).
 KNOWN_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # lightning/pytorch/utilities/_pytree.py with torch >= 2.9
     r"Found \d+ module\(s\) in eval mode",  # the frozen CLIP is in eval mode by design while prompts train
+    # a few training batches per epoch (demo, smoke): the epoch's losses are logged and printed per epoch anyway
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # epoch-level metrics are computed from every rank's gathered predictions: the same value on every rank
+    r"It is recommended to use `self\.log\(.*sync_dist=True",
 )
 _OPEN_CLIP = f"{os.sep}open_clip{os.sep}"
+_CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding the vlmad package
 # open_clip's own notice that a model is random: vlmad's RANDOM-weights warning already says it, naming the setting
 _OPEN_CLIP_DUPLICATES = ("No pretrained weights loaded",)
 
@@ -32,6 +39,25 @@ class QuietFilter(logging.Filter):
         if _OPEN_CLIP not in record.pathname:
             return True
         return record.levelno >= logging.WARNING and not record.getMessage().startswith(_OPEN_CLIP_DUPLICATES)
+
+
+def short_path(filename: str) -> str:
+    """A source file as ``package/module.py``: the part after ``site-packages`` or below vlmad's checkout."""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(anchor) :])
+    try:
+        return Path(filename).resolve().relative_to(_CHECKOUT).as_posix()
+    except (ValueError, OSError):
+        return filename
+
+
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """``vlmad/backbones/clip.py:252: UserWarning: ...``: one line, no install path, no echoed source line."""
+    return f"{short_path(filename)}:{lineno}: {category.__name__}: {message}\n"
 
 
 def quiet() -> None:
@@ -55,6 +81,7 @@ def quiet() -> None:
         logging.captureWarnings(True)
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    warnings.formatwarning = format_warning  # also used by logging.captureWarnings
 
 
 def to_log_file(text: str, level: int = logging.INFO, name: str = "vlmad") -> None:

@@ -53,11 +53,39 @@ def test_evaluate_output_is_quiet_and_the_table_is_in_the_log_file(evaluate_run)
     assert "LeafSpec" not in text  # a known Lightning deprecation
     assert "_instantiate2.py" not in text  # warnings name vlmad's code, not Hydra's instantiate
     assert text.count("RANDOM weights") == 1 and "vlmad/backbones/clip.py" in text  # once, attributed to vlmad
+    assert f"{ROOT}/vlmad" not in text and "site-packages" not in text  # ... by its package path, not install path
+    assert "model = _load_model(" not in text  # no echoed source line
     assert text.count("image_auroc") == 1  # the table printed once on the console ...
     assert len(logs) == 1
     log_text = logs[0].read_text()
     assert "image_auroc" in log_text and "bottle_syn" in log_text and "mean" in log_text  # ... and in the log file
     assert "RANDOM weights" in log_text  # warnings reach the log file too
+
+
+def test_known_noise_is_dropped_and_warnings_name_the_package_path():
+    import logging
+    import warnings
+
+    from vlmad.logs import quiet
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet()
+        warnings.warn(  # demo / smoke: a few training batches per epoch
+            "The number of training batches (2) is smaller than the logging interval Trainer(log_every_n_steps=50).",
+            stacklevel=1,
+        )
+        warnings.warn(  # 2 devices: once per logged metric
+            "It is recommended to use `self.log('test/image_auroc', ..., sync_dist=True)` when logging on epoch level",
+            stacklevel=1,
+        )
+        assert not seen
+        text = warnings.formatwarning("RANDOM weights", UserWarning, str(ROOT / "vlmad/backbones/clip.py"), 9, "x")
+    assert text == "vlmad/backbones/clip.py:9: UserWarning: RANDOM weights\n"
+    installed = "/usr/lib/python3/site-packages/vlmad/backbones/clip.py"
+    assert warnings.formatwarning("w", UserWarning, installed, 9).startswith("vlmad/backbones/clip.py:9:")
+    # "Initializing distributed: GLOBAL_RANK: ..." is written once per rank at INFO
+    assert not logging.getLogger("lightning.fabric.utilities.distributed").isEnabledFor(logging.INFO)
 
 
 def test_progress_bar_only_on_a_terminal(tmp_path):

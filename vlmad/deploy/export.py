@@ -297,6 +297,9 @@ def export(cfg: DictConfig) -> Path:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Entry point of ``vlmad export``."""
+    from vlmad.logs import quiet
+
+    quiet()  # also under `python -m vlmad.deploy.export`: no open_clip INFO lines, short warnings
     export(cfg)
 
 

@@ -33,7 +33,7 @@ from vlmad.config import CONF_DIR as CONF
 from vlmad.deploy import runtime
 from vlmad.errors import exit_on_user_error
 from vlmad.io import atomic_write_json
-from vlmad.logs import to_log_file
+from vlmad.logs import quiet, to_log_file
 from vlmad.outputs.heatmaps import colour_scale, display_size, render_panel, resize_array, save_png
 from vlmad.outputs.html import write_predict_report
 from vlmad.outputs.predictions import MAP_SAMPLE, PREDICTION_COLUMNS, SCALE_PERCENTILES, ThresholdError, decision
@@ -551,6 +551,7 @@ def _write_reports(
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     """Entry point of ``vlmad predict``."""
+    quiet()  # also under `python -m vlmad.deploy.predict`: no open_clip INFO lines, short warnings
     predict(cfg)
 
 
