@@ -47,7 +47,9 @@ def test_run_outputs_and_sweep_report(make_cfg, tmp_path, capsys):
     root = tmp_path / "sweep"
     runs = {}
     for k in (1, 0):
-        cfg = make_cfg("evaluate", "method=winclip", f"method.k_shot={k}", "module.num_overlays=4")
+        # every normal training image but the reference (no share cap: the tiny set has 4 test images)
+        extra = ["module.threshold.max_share=null"]
+        cfg = make_cfg("evaluate", "method=winclip", f"method.k_shot={k}", "module.num_overlays=4", *extra)
         cfg.paths.output_dir = str(root / f"k{k}")
         runs[k] = evaluate(cfg)[1]
     out, dm = root / "k1", runs[1]["datamodule"]

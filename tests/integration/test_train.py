@@ -67,9 +67,8 @@ def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg):
 def test_feature_cache_skips_the_encoder_after_the_first_epoch(make_cfg, count_encodes):
     losses = {}
     for cached in (False, True):
-        # fp32 storage: exact; uncached = null (the default, auto, would cache the fit set too)
-        extra = ["module.feature_cache=memory", "module.feature_cache_dtype=fp32"] if cached else []
-        extra = extra or ["module.feature_cache=null"]
+        # uncached = null: the default (auto) would cache the fit set too
+        extra = ["module.feature_cache=memory"] if cached else ["module.feature_cache=null"]
         cfg = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=3", "test_after_fit=false", *extra)
         from vlmad.methods.anomalyclip import AnomalyCLIP
 

@@ -57,9 +57,9 @@ class MosaicDataset(Dataset):
         local = index - (self.ends[part - 1] if part else 0)
         rng = random.Random(f"mosaic:{self.seed}:{epoch}:{index}")  # str seeds hash the same in every process
         if rng.random() >= self.prob:
-            return dataset[local]
+            return {**dataset[local], "augmented": False}
         tiles = [rng.choice(self.by_type[part][rng.choice(list(self.by_type[part]))]) for _ in range(4)]
-        return self._mosaic(dataset, tiles)
+        return {**self._mosaic(dataset, tiles), "augmented": True}  # the feature cache leaves these out
 
     @staticmethod
     def _mosaic(dataset: AnomalyDataset, tiles: list[Record]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmad.backbones.cache import FeatureCache
+from vlmad.backbones.cache import FeatureCache, choose_storage
 from vlmad.engine.checkpoint import check_checkpoint_fits, checkpoint_entry
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
@@ -46,9 +48,13 @@ class AnomalyModule(L.LightningModule):
             of each defect type, then more FP / FN (``vlmad.outputs.heatmaps.select_panels``).
         save_all_overlays: a panel for every test image instead.
         threshold: ``calibrate`` (score the category's normal training images, references excluded, for an OK / NG
-            decision per image), ``quantile`` (as predict), ``max_images`` (first N of train/good; None: all).
-        feature_cache: frozen image-side features reused across epochs and runs: None, ``memory`` or a
-            directory (a disk cache shared by the jobs of a sweep).
+            decision per image), ``quantile`` (as predict), ``max_images`` (first N of train/good; None: all),
+            ``max_share`` (at most this share of the category's test images, at least one; None: no share cap).
+        feature_cache: frozen image-side features reused across epochs and runs: ``auto`` (training only: the fit
+            set's features in memory or in the run folder when they fit, see :meth:`_choose_cache`), None,
+            ``memory`` or a directory (a disk cache shared by the jobs of a sweep).
+        feature_cache_dtype: storage precision of cached features: ``bf16``, ``fp16``, ``fp32`` (exact) or ``auto``
+            (bf16 for the ``auto`` fit cache, fp32 for an explicit one: evaluation sweeps report uncached numbers).
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class AnomalyModule(L.LightningModule):
         feature_cache: Any = None,
         save_all_overlays: bool = False,
         threshold: dict | None = None,
+        feature_cache_dtype: str = "auto",
     ) -> None:
         super().__init__()
         self.method = method
@@ -75,14 +82,23 @@ class AnomalyModule(L.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.num_overlays = num_overlays
         self.save_all_overlays = save_all_overlays
-        self.threshold = {"calibrate": True, "quantile": 0.99, "max_images": 32, **(threshold or {})}
+        self.threshold = {"calibrate": True, "quantile": 0.99, "max_images": 32, "max_share": 0.05, **(threshold or {})}
         self.predictions: dict[str, list[dict]] = {}  # category -> per-image rows (scalars only)
         self.thresholds: dict[str, dict] = {}
         self._outputs: CategoryOutputs | None = None
-        if feature_cache is not None and not method.cacheable:
-            log.info("module.feature_cache ignored: %s has no frozen image features to cache", type(method).__name__)
+        if feature_cache_dtype == "auto":
+            feature_cache_dtype = "bf16" if feature_cache == "auto" else "fp32"
+        self.feature_cache_dtype = feature_cache_dtype
+        self._auto_cache = feature_cache == "auto"  # chosen in on_fit_start, released in on_fit_end
+        self._auto_dir: Path | None = None
+        self.fit_cache_stats: dict[str, Any] | None = None  # auto: the fit cache's figures, kept after it is dropped
+        if self._auto_cache:
             feature_cache = None
-        self.feature_cache = FeatureCache.from_setting(feature_cache)
+        elif feature_cache is not None and not method.cacheable:
+            name = type(method).__name__
+            log.info("module.feature_cache ignored: %s does not declare cacheable = True (frozen features)", name)
+            feature_cache = None
+        self.feature_cache = FeatureCache.from_setting(feature_cache, feature_cache_dtype)
         method.attach_cache(self.feature_cache)  # the method encodes images through it (train and test)
         self.strict_loading = False  # the frozen backbone is never in a checkpoint
         self.results: dict[str, dict[str, float]] = {}
@@ -103,6 +119,8 @@ class AnomalyModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         """One step of ``method.loss`` (on cached image features when a cache is attached)."""
         self._prime_cache(batch)
+        if self.feature_cache is not None and "augmented" in batch:  # per-epoch mosaics: encoded, never cached
+            self.feature_cache.bypass_next(torch.as_tensor(batch["augmented"]).tolist())
         losses = self.method.loss(batch)
         bs = batch["image"].shape[0]
         for name, value in losses.items():
@@ -112,6 +130,76 @@ class AnomalyModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """The method's own gradient handling (e.g. VisualAD's per-token clipping), on unscaled gradients."""
         self.method.before_optimizer_step()
+
+    def on_fit_start(self) -> None:
+        """``feature_cache: auto``: choose where the fit set's frozen features live (:meth:`_choose_cache`)."""
+        if self._auto_cache:
+            self._choose_cache()
+
+    def on_fit_end(self) -> None:
+        """``auto``: drop the fit cache (test images are encoded once) and its run-folder files."""
+        if not self._auto_cache or self.feature_cache is None:
+            return
+        cache = self.feature_cache
+        log.info(cache.report())
+        self.fit_cache_stats = {
+            "storage": cache.storage,
+            "dtype": cache.dtype,
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "bypassed": cache.bypassed,
+            "bytes": cache.bytes,
+        }
+        self.method.attach_cache(None)
+        self.feature_cache = None
+        self._datamodule.feature_reader = None
+        if self._auto_dir is not None:
+            if self.method.text_cache.directory == self._auto_dir / "text":
+                self.method.text_cache.directory = None
+            self.trainer.strategy.barrier()  # every rank is done with the files
+            if self.global_rank == 0:
+                shutil.rmtree(self._auto_dir, ignore_errors=True)
+            self._auto_dir = None
+
+    def _choose_cache(self) -> None:
+        """Memory when the fit set's estimated cached size fits a share of the available host memory, else the run
+        folder's disk when it fits a share of its free space, else none (``vlmad.backbones.cache.choose_storage``);
+        only for trained methods whose learned parts sit on frozen image features (``method.cacheable``). Per-epoch
+        augmented samples (mosaics) bypass the cache. One log line says the choice and the size."""
+        method = self.method
+        if not (method.trainable and method.cacheable):
+            kind = "nothing to train" if not method.trainable else "no declared frozen image features (cacheable)"
+            log.info("feature cache: off (auto: %s has %s)", type(method).__name__, kind)
+            return
+        dm = self._datamodule
+        dataset = dm.fit_dataset()
+        if len(dataset) == 0 or not any(len(d) for d in dataset.datasets):
+            return
+        first = next(d for d in dataset.datasets if len(d))[0]  # an original image, never a mosaic
+        probe = FeatureCache("memory", dtype=self.feature_cache_dtype)  # one image's entry measures the size
+        probe.fetch(method, first["image"][None].to(self.device))
+        per_image, n = probe.bytes, len(dataset)
+        directory = self.output_dir / "feature_cache" if self.output_dir is not None else None
+        storage, reason = choose_storage(per_image * n, directory)
+        log.info(
+            "feature cache: %s; %d fit images x %.2f MiB (%s) (module.feature_cache=auto)",
+            reason,
+            n,
+            per_image / 2**20,
+            self.feature_cache_dtype,
+        )
+        if storage is None:
+            return
+        if storage == "disk":
+            cache = FeatureCache("disk", str(directory), dtype=self.feature_cache_dtype)
+            cache.absorb(probe)
+            self._auto_dir = directory
+            if str(self.trainer.precision) in ("32", "32-true"):  # as vlmad.engine.run.build for explicit caches
+                dm.feature_reader = cache.worker_reader(method)
+        else:
+            cache = probe
+        self.feature_cache = cache
+        method.attach_cache(cache)
 
     def on_train_epoch_end(self) -> None:
         """Report the feature cache (hits, misses, size) once per epoch."""
@@ -279,7 +367,13 @@ class AnomalyModule(L.LightningModule):
         if not self.threshold["calibrate"]:
             return no_threshold("none (module.threshold.calibrate=false)")
         dm, q = self._datamodule, float(self.threshold["quantile"])
-        records = normal_training_records(dm.test_set, category, references, self.threshold["max_images"])
+        limit, share, share_note = self.threshold["max_images"], self.threshold.get("max_share"), ""
+        if share is not None:  # the calibration stays a small share of the evaluation's own forward passes
+            n_test = len(dm.test_set.records(category, "test"))
+            by_share = max(1, math.floor(float(share) * n_test + 1e-9))
+            if limit is None or by_share < int(limit):
+                limit, share_note = by_share, f", max_share {float(share):g} of {n_test} test images"
+        records = normal_training_records(dm.test_set, category, references, limit)
         if not records:
             return no_threshold("none (no normal training images)")
         loader = DataLoader(dm._dataset(dm.test_set, records, dm.transform), batch_size=dm.batch_size)
@@ -287,7 +381,7 @@ class AnomalyModule(L.LightningModule):
         excluded = " (few-shot references excluded)" if references else ""
         return {
             **data,
-            "source": f"q={q:g} of {len(records)} train/good images{excluded}",
+            "source": f"q={q:g} of {len(records)} train/good images{excluded}{share_note}",
             "images": [str(r.image) for r in records],
         }
 

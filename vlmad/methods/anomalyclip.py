@@ -41,6 +41,7 @@ class AnomalyCLIP(AnomalyMethod):
     """
 
     trainable = True
+    cacheable = True  # encode_images is the frozen tower alone: training may cache the fit set's features
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ class AprilGAN(AnomalyMethod):
     """
 
     trainable = True
+    cacheable = True  # encode_images is the frozen tower alone (the learned linear layers sit on its taps)
     tensor_state = ("_memory", "_parts")  # few-shot memories follow .to() / .cuda() (AnomalyMethod._apply)
 
     @classmethod

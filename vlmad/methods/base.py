@@ -55,7 +55,10 @@ class AnomalyMethod(nn.Module):
 
     trainable: bool = False
     transductive: bool = False
-    cacheable: bool = True  # False: encode_images depends on learned parameters (the module runs no feature cache)
+    # True: encode_images depends on the frozen backbone and fixed settings only, so its outputs may be cached
+    # (module.feature_cache; ``auto`` caches the fit set of a trained method). Opt-in: a method whose learned
+    # parameters run inside the tower (VisualAD) must never be served stale features.
+    cacheable: bool = False
     tensor_state: tuple[str, ...] = ()  # attributes holding plain tensors (dicts/lists of them) that follow .to()
     # backbone families the method runs on (a backbone's ``family``): the CLIP methods need its text tower or its
     # projected image embedding; the DINOv2 methods take patch tokens of a DinoBackbone
@@ -87,7 +90,7 @@ class AnomalyMethod(nn.Module):
     def attach_cache(self, cache: object | None) -> None:
         """Encode images through ``cache`` (a FeatureCache); a disk cache also keeps the text prototypes."""
         if cache is not None and not self.cacheable:
-            raise ValueError(f"{type(self).__name__}'s image features depend on learned parameters: no feature cache")
+            raise ValueError(f"{type(self).__name__} does not declare cacheable = True: no feature cache")
         self.feature_cache = cache
         directory = getattr(cache, "directory", None)
         if directory is not None:

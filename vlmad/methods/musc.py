@@ -116,6 +116,7 @@ class MuSc(AnomalyMethod):
     """
 
     transductive = True
+    cacheable = True  # frozen tower features (the tapped layers of the image tower)
     tensor_state = ("_taps", "_global")  # accumulated features follow .to() / .cuda() (AnomalyMethod._apply)
 
     @classmethod

@@ -75,6 +75,7 @@ class WinCLIP(AnomalyMethod):
             ViT-B/16+ at 240 px in one call; 512 × the default batch of 8 is the former 4096-sequence bound.
     """
 
+    cacheable = True  # frozen tower features: a k-shot sweep encodes each test image once with a disk cache
     tensor_state = ("memory",)  # few-shot memories follow .to() / .cuda() (AnomalyMethod._apply)
 
     def __init__(

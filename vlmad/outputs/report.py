@@ -59,6 +59,7 @@ _NOT_A_SETTING = (
     "module.threshold.calibrate",
     "module.threshold.quantile",
     "module.threshold.max_images",
+    "module.threshold.max_share",
 )
 _NOT_A_SETTING_TREE = ("paths", "hydra", "backbone", "data", "test_data", "logger")  # the node and all its keys
 
