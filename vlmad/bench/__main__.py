@@ -2,7 +2,9 @@
 
 Sections: ``winclip`` (ViT-B-16-plus-240, batch 1 and 8, zero-shot and 1-shot vs a bare encode_image),
 ``anomalyclip`` (ViT-L-14-336-quickgelu at 336 and 518 px vs a bare encode_image), ``training``
-(AnomalyCLIP seconds per epoch on a small generated auxiliary set, without and with the feature cache),
+(AnomalyCLIP's 15-epoch fit at 518 px on a small generated auxiliary set: the default feature cache against the
+uncached path, bf16 against fp32 storage), ``calibration`` (OK/NG threshold calibration seconds / evaluation
+seconds, old and current default; the images each rule scores on MVTec-AD and VisA),
 ``sweep`` (a WinCLIP k-shot x reference-draw sweep without cache, with a cold and a warm disk cache),
 ``musc`` (ViT-L-14-336 at 518 px: encode and mutual-scoring time of a 5-image category on CPU, of a 200-image
 category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of the same block), ``pipeline``
@@ -31,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "sections", nargs="*", default=["winclip", "anomalyclip", "training", "sweep", "musc", "pipeline", "export"]
+        "sections",
+        nargs="*",
+        default=["winclip", "anomalyclip", "training", "calibration", "sweep", "musc", "pipeline", "export"],
     )
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
@@ -53,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
             from vlmad.bench import training as bench
 
             rows = bench.run(backbone="tiny", image_size=64, n_images=4, epochs=2) if args.quick else bench.run()
+        elif section == "calibration":
+            from vlmad.bench import calibration as bench
+
+            quick = {"backbone": "tiny", "image_size": 64, "n_test": 20, "n_train": 8, "extra": ()}
+            rows = bench.run(**quick) if args.quick else bench.run()
         elif section == "sweep":
             from vlmad.bench import sweep as bench
 
@@ -84,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = bench.run(backbone_name="vlmad-tiny") if args.quick else bench.run()
         else:
             raise SystemExit(
-                f"unknown section {section!r} (winclip, anomalyclip, training, sweep, musc, pipeline, export)"
+                f"unknown section {section!r} "
+                "(winclip, anomalyclip, training, calibration, sweep, musc, pipeline, export)"
             )
         done[section] = rows
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)
