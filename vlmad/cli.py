@@ -18,7 +18,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from vlmad.config import CONF_DIR
-from vlmad.errors import DEBUG_ENV, exit_on_user_error, in_multirun, one_line, user_error
+from vlmad.errors import DEBUG_ENV, exit_on_unknown_choice, exit_on_user_error, in_multirun, one_line, user_error
 from vlmad.logs import quiet, to_log_file
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,11 @@ class _WithoutHydraSweepNoise:
 
 
 def run_main(hydra_main: Callable[[], Any]) -> None:
-    """Call a ``@hydra.main`` function; a failed sweep job ends the sweep with its one line and exit status."""
+    """Call a ``@hydra.main`` function; a failed sweep job ends the sweep with its one line and exit status.
+
+    An unknown config choice (``method=winclp``) is one line listing the choices and exit status 2, before Hydra.
+    """
+    exit_on_unknown_choice(CONF_DIR)
     stderr, sys.stderr = sys.stderr, _WithoutHydraSweepNoise(sys.stderr)
     try:
         hydra_main()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,12 +30,47 @@ def user_error(err: BaseException) -> BaseException | None:
     while seen is not None:
         if isinstance(seen, VlmadError):
             return seen
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:  # disk full: one line naming the folder
+            where = Path(seen.filename).parent if seen.filename else "the output folder"
+            return VlmadError(f"{where}: no space left on device (files written before are complete; free space)")
         if isinstance(seen, InstantiationException):
             # a constructor rejected a configured value (ValueError/TypeError): a config error
             cause = seen.__cause__
             return user_error(cause) or (cause if isinstance(cause, (ValueError, TypeError)) else seen)
         seen = seen.__cause__
     return None
+
+
+def unknown_choices(overrides: list[str], conf_dir: str | os.PathLike) -> list[str]:
+    """One line per ``group=name`` override whose config file does not exist, listing the group's choices.
+
+    Hydra itself prints a 13-line error with exit code 1; the entry points call this first. Groups are the folders
+    of ``conf_dir`` (``hydra/`` ones excepted: launcher plugins bring their own); sweeps (``a,b``) are split.
+    """
+    from pathlib import Path
+
+    problems = []
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        group = Path(conf_dir) / key
+        if not sep or override.startswith("~") or key.startswith("hydra") or "." in key or not group.is_dir():
+            continue
+        if any(c in value for c in "()[]{}$*") or not value:
+            continue  # sweep functions, interpolations, globs: left to Hydra
+        choices = sorted(p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml"))
+        for name in value.split(","):
+            if name.strip() not in (*choices, "null"):
+                problems.append(f"{key}={name.strip()}: no such config; choices: {', '.join(choices)}")
+    return problems
+
+
+def exit_on_unknown_choice(conf_dir: str | os.PathLike, argv: list[str] | None = None) -> None:
+    """``vlmad: error: method=winclp: no such config; choices: ...`` and exit code 2 (before Hydra composes)."""
+    problems = unknown_choices(sys.argv[1:] if argv is None else argv, conf_dir)
+    if problems:
+        for line in problems:
+            print(f"vlmad: error: {line}", file=sys.stderr)
+        sys.exit(2)
 
 
 def one_line(err: BaseException, limit: int = 2000) -> str:

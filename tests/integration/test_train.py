@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import pytest
 import torch
 
@@ -14,9 +17,14 @@ def _learned(objects) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["anomalyclip", "aprilgan"])
-def test_train_then_evaluate_from_checkpoint(make_cfg, method):
+def test_train_then_evaluate_from_checkpoint(make_cfg, method, caplog):
     cfg = make_cfg("train", f"method={method}", "trainer.max_epochs=1")
-    results, objects = train(cfg)
+    with caplog.at_level(logging.INFO, logger="vlmad.engine.module"):
+        results, objects = train(cfg)
+    # a run is not silent: one line per epoch (losses) and per tested category (images, seconds)
+    assert re.search(r"epoch 1/1: loss \d+\.\d{4}.*\(\d+ images, \d+\.\d s\)", caplog.text), caplog.text
+    for category in objects["datamodule"].test_categories:
+        assert re.search(rf"{category}: 4 images in \d+\.\d s", caplog.text)
     assert set(results) == {*objects["datamodule"].test_categories, "mean"}
     ckpt = objects["module"].output_dir / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

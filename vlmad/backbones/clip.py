@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmad.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -91,6 +93,17 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+def _not_a_weights_file(err: BaseException) -> bool:
+    """Whether loading failed because the file holds no checkpoint at all (garbage, text, a truncated archive)."""
+    import pickle
+
+    text = str(err).lower()
+    unreadable = ("weights only load failed", "invalid load key", "central directory", "magic number", "eof")
+    return isinstance(err, (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile)) or any(
+        w in text for w in unreadable
+    )
+
+
 def _load_weights_file(model: nn.Module, path: Path) -> None:
     """Load a local checkpoint strictly into ``model``: an open_clip/torch file or an OpenAI TorchScript archive."""
     try:
@@ -106,6 +119,11 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
         else:
             open_clip.load_checkpoint(model, str(path), strict=True)
     except Exception as err:  # torch/zip/pickle/shape errors: one line naming the file, the cause chained
+        if _not_a_weights_file(err):  # not torch's "re-run with weights_only=False" advice: the file is wrong
+            raise ConfigError(
+                f"{path} is not a weights file (no torch / open_clip checkpoint or TorchScript archive could be "
+                f"read from it: {type(err).__name__}); point backbone.pretrained at the model's checkpoint"
+            ) from err
         raise RuntimeError(f"could not load weights file {path}: {str(err).strip().splitlines()[0]}") from err
     n_tensors = len(model.state_dict())
     log.info("loaded weights from %s (sha256 %s, %d tensors)", path, weights_sha256(path)[:12], n_tensors)

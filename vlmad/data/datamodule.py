@@ -75,6 +75,19 @@ def split_categories(sizes: dict[str, int], world_size: int) -> list[list[str]]:
     return [sorted(part, key=order.index) for part in parts]
 
 
+PADDING_KEY = "padding"  # a test batch holding this key is a rank's padding: nothing to score
+
+
+class _Padding(torch.utils.data.Dataset):
+    """One ``{PADDING_KEY: True}`` sample: a rank's padding test loader (see ``test_dataloader``)."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict[str, bool]:
+        return {PADDING_KEY: True}
+
+
 class CachedFeaturesCollate:
     """``default_collate`` plus the batch's feature-cache entries, read in the DataLoader worker.
 
@@ -231,8 +244,20 @@ class AnomalyDataModule(L.LightningDataModule):
         return torch.initial_seed() if self.seed is None else self.seed
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One loader per test category, in ``test_categories`` order, unshuffled."""
-        return [self._loader(self.test_dataset(c)) for c in self.test_categories]
+        """One loader per test category, in ``test_categories`` order, unshuffled.
+
+        On several devices every rank returns the same number of loaders: Lightning runs one collective per test
+        loader (its length check), so a rank with fewer categories (an uneven split, or no category at all when
+        there are more devices than categories) gets padding loaders of one ``PADDING_KEY`` batch that the module
+        skips. Without them the ranks wait on each other forever.
+        """
+        loaders = [self._loader(self.test_dataset(c)) for c in self.test_categories]
+        _, world = self._rank_world()
+        if world > 1:
+            sizes = {c: len(self.test_set.records(c, "test")) for c in self.all_categories}
+            most = max(len(part) for part in split_categories(sizes, world))
+            loaders += [DataLoader(_Padding(), batch_size=1) for _ in range(most - len(loaders))]
+        return loaders
 
     def train_dataloader(self) -> DataLoader:
         """Fit loader mixing all ``fit_set`` categories, shuffled by (seed, epoch); this rank's share on several."""

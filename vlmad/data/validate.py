@@ -102,9 +102,15 @@ def _warn_empty(category: str, empty: list[Path]) -> None:
     )
 
 
-def _check_split(reader: Reader, split: str, k_shot: int, problems: list[str], seen: set[Path]) -> None:
+def _check_split(
+    reader: Reader, split: str, k_shot: int, problems: list[str], seen: set[Path], min_images: tuple[int, str]
+) -> None:
     for category in reader.categories:
-        records = [r for r in _records(reader, category, split, problems) if r.image not in seen]
+        records = _records(reader, category, split, problems)
+        if 0 < len(records) < min_images[0]:
+            where = records[0].image.parent.parent if records else reader.root / category
+            problems.append(f"{where}: {len(records)} {split} images of {category!r}: {min_images[1]}")
+        records = [r for r in records if r.image not in seen]
         seen.update(r.image for r in records)
         if k_shot > 0:
             train = _records(reader, category, "train", problems)
@@ -122,12 +128,19 @@ def _check_split(reader: Reader, split: str, k_shot: int, problems: list[str], s
             _warn_empty(category, empty)
 
 
-def validate_data(test_set: Reader, k_shot: int = 0, fit_set: Reader | None = None, fit_split: str = "test") -> None:
+def validate_data(
+    test_set: Reader,
+    k_shot: int = 0,
+    fit_set: Reader | None = None,
+    fit_split: str = "test",
+    min_test_images: tuple[int, str] = (1, ""),
+) -> None:
     """Check every selected category before any scoring; raise one DataError listing all problems.
 
     Checked: every test image (and, for k_shot > 0, every normal training image) opens; masks exist,
     are readable, binary (or class ids / thresholded as the reader says) and have their image's size;
-    each category has at least ``k_shot`` normal training images; the same for ``fit_set``'s
+    each category has at least ``k_shot`` normal training images and as many test images as the method needs;
+    the same for ``fit_set``'s
     ``fit_split``. Defective images with an all-zero mask only warn (``DataWarning``), once per category.
 
     Args:
@@ -135,15 +148,16 @@ def validate_data(test_set: Reader, k_shot: int = 0, fit_set: Reader | None = No
         k_shot: few-shot reference images per category (0: the train split is not read).
         fit_set: optional reader fitted on.
         fit_split: split of ``fit_set`` that is fitted on.
+        min_test_images: (fewest test images per category, why): the method's ``min_test_images``.
 
     Raises:
         DataError: every problem, one "file: problem" line each (at most 20 listed, then a count).
     """
     problems: list[str] = []
     seen: set[Path] = set()
-    _check_split(test_set, "test", k_shot, problems, seen)
+    _check_split(test_set, "test", k_shot, problems, seen, min_test_images)
     if fit_set is not None:
-        _check_split(fit_set, fit_split, 0, problems, seen)
+        _check_split(fit_set, fit_split, 0, problems, seen, (1, ""))
     if problems:
         noun = "problem" if len(problems) == 1 else "problems"
         raise problems_error(f"{len(problems)} data {noun} found before scoring (nothing was run):", problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,9 @@ class AnomalyModule(L.LightningModule):
         self.strict_loading = False  # the frozen backbone is never in a checkpoint
         self.results: dict[str, dict[str, float]] = {}
         self._category: str | None = None
+        self._opened_at = 0.0  # when the open category started (its log line says how long it took)
+        self._epoch_losses: dict[str, float] = {}  # image-weighted sums of this epoch's losses, and "n" images
+        self._epoch_started = 0.0
         self._pending: list[dict] = []  # transductive methods: the open category's labels/masks until it is scored
 
     # ------------------------------------------------------------------ training
@@ -125,6 +129,8 @@ class AnomalyModule(L.LightningModule):
         bs = batch["image"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), prog_bar=name == "loss", batch_size=bs, on_epoch=True)
+            self._epoch_losses[name] = self._epoch_losses.get(name, 0.0) + float(value.detach()) * bs
+        self._epoch_losses["n"] = self._epoch_losses.get("n", 0.0) + bs
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -201,8 +207,18 @@ class AnomalyModule(L.LightningModule):
         self.feature_cache = cache
         method.attach_cache(cache)
 
+    def on_train_epoch_start(self) -> None:
+        """Start this epoch's loss sums and clock."""
+        self._epoch_losses, self._epoch_started = {}, time.perf_counter()
+
     def on_train_epoch_end(self) -> None:
-        """Report the feature cache (hits, misses, size) once per epoch."""
+        """One line per epoch: its mean losses (this rank's images) and seconds; the feature cache's report."""
+        n = self._epoch_losses.pop("n", 0.0)
+        if n and self.global_rank == 0:
+            means = ", ".join(f"{k} {v / n:.4f}" for k, v in self._epoch_losses.items())
+            epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else "?"
+            seconds = time.perf_counter() - self._epoch_started
+            log.info("epoch %d/%s: %s (%d images, %.1f s)", self.current_epoch + 1, epochs, means, n, seconds)
         if self.feature_cache is not None:
             log.info(self.feature_cache.report())
 
@@ -220,7 +236,7 @@ class AnomalyModule(L.LightningModule):
     def _open_category(self, category: str, class_name: str) -> None:
         if self._category is not None:
             self._close_category()
-        self._category = category
+        self._category, self._opened_at = category, time.perf_counter()
         dm = self._datamodule
         references, paths = None, []
         if self.method.k_shot > 0:
@@ -237,6 +253,8 @@ class AnomalyModule(L.LightningModule):
         self.results[self._category] = self.metrics.compute(self._category)
         self.metrics.reset()
         self.predictions[self._category] = self._outputs.finish(self.thresholds[self._category])
+        seconds = time.perf_counter() - self._opened_at
+        log.info("%s: %d images in %.1f s", self._category, len(self.predictions[self._category]), seconds)
         if self._partial_csv() is not None:  # finished categories survive a later failure
             write_csv(self._partial_csv(), self.results)
             write_predictions(self._rank_file("predictions.csv"), (r for p in self.predictions.values() for r in p))

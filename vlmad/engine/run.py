@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmad.config import target_name  # (importing vlmad.config registers the resolvers that conf/hydra uses)
 from vlmad.data import validate_data
 from vlmad.engine.checkpoint import atomic_torch_save, load_method_weights, read_checkpoint, remove_partial_writes
+from vlmad.engine.ranks import RankFailedError, RankObserver, Stopped, clear_rank_failures, record_rank_failure, watched
 from vlmad.errors import ConfigError, in_multirun, one_line
 from vlmad.logs import to_log_file
 from vlmad.metrics.table import format_table, write_csv
@@ -82,7 +84,8 @@ def build(cfg: DictConfig, fit: bool) -> dict[str, Any]:
     test_set = instantiate(cfg.test_data if fit else cfg.data)
     fit_set = instantiate(cfg.data) if fit else None
     # every image opens, masks fit, enough normal images for k: all problems in one error, before any scoring
-    validate_data(test_set, int(cfg.method.get("k_shot", 0)), fit_set, cfg.datamodule.get("fit_split", "test"))
+    minimum = get_class(cfg.method._target_).min_test_images(cfg.method)  # e.g. MuSc's mutual scoring: 5
+    validate_data(test_set, int(cfg.method.get("k_shot", 0)), fit_set, cfg.datamodule.get("fit_split", "test"), minimum)
     backbone = instantiate(cfg.backbone)
     method = instantiate(cfg.method, backbone=backbone)
     module = instantiate(cfg.module, method=method)
@@ -159,18 +162,64 @@ def task(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         out = Path(cfg.paths.output_dir)
         record = rank_zero_only.rank == 0  # several devices: one process writes the run's files
         if record:
+            clear_rank_failures(out)  # an earlier run's failed ranks, in a folder run into again
             write_run_json(out, run_info(cfg, status="running"))
         try:
-            result = fn(cfg)
+            with watched(out):  # SIGTERM / SIGINT / a failed child rank become exceptions here
+                result = fn(cfg)
         except BaseException as err:
-            if record:
-                write_run_json(out, run_info(cfg, status="failed", error=one_line(err)))
             finish_wandb(failed=True)
+            _failed(cfg, out, err)
             raise
+        if record and _status(out) == "running":  # a run that reports nothing (train with test_after_fit=false)
+            write_run_json(out, run_info(cfg, status="done"))
         finish_wandb(failed=False)
         return result
 
     return wrapper
+
+
+def _status(out: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((out / "run.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _distributed_error(err: BaseException) -> bool:
+    """An error of a collective whose peer went away (how rank 0 learns that another rank died)."""
+    text = str(err).lower()
+    return type(err).__name__.startswith("Dist") or any(w in text for w in ("gloo", "nccl", "connection closed"))
+
+
+def _failed(cfg: DictConfig, out: Path, err: BaseException) -> None:
+    """Record a failure; a signal or another rank's failure ends the process here with one console line.
+
+    Child ranks write their own error for rank 0 (``run.rank<r>.json``) and exit quietly; rank 0 writes ``run.json``
+    with the cause (the failed rank's error, not its own "Connection closed by peer").
+    """
+    rank = rank_zero_only.rank
+    code = err.exit_code if isinstance(err, Stopped) else 1
+    if rank != 0:
+        if not isinstance(err, (Stopped, RankFailedError)) and not _distributed_error(err):
+            record_rank_failure(out, rank, err)
+        raise SystemExit(code) from None  # rank 0 says why, once
+    observer, cause = RankObserver.active, None
+    if observer is not None:  # several devices on this machine: rank 0 started the others
+        another = isinstance(err, RankFailedError) or _distributed_error(err)
+        child = observer.settle(wait_s=5.0 if another else 0.0)  # also stops the children still running
+        cause = child if another else None
+        RankObserver.active = None
+    message = str(err) if isinstance(err, Stopped) else (cause or one_line(err))
+    write_run_json(out, run_info(cfg, status="failed", error=message))
+    if isinstance(err, Stopped):
+        print(f"vlmad: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+    if cause is not None or isinstance(err, RankFailedError):
+        print(f"vlmad: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
 
 
 @task

@@ -175,6 +175,14 @@ class AnomalyMethod(nn.Module):
         """
         return None
 
+    @classmethod
+    def min_test_images(cls, settings: Mapping[str, Any]) -> tuple[int, str]:
+        """Fewest test images per category this method can score with ``settings``, and why (data check).
+
+        1 for per-image methods; a transductive method that compares the test images with each other needs more.
+        """
+        return 1, "a category needs a test image"
+
     def loss(self, batch: dict) -> dict[str, Tensor]:
         """Training losses for a batch dict (``image``, ``mask``, ``label``, ...)."""
         raise NotImplementedError(f"{type(self).__name__} has nothing to train")

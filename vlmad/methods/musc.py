@@ -124,6 +124,13 @@ class MuSc(AnomalyMethod):
         """Always transductive (see :data:`PROTOCOL`)."""
         return PROTOCOL
 
+    @classmethod
+    def min_test_images(cls, settings: Mapping) -> tuple[int, str]:
+        """MSM's interval of other-image distances must be non-empty (5 images for the reference's [0, 0.3])."""
+        low, high = settings.get("msm_interval") or (0.0, 0.3)
+        n = min_set_size(float(low), float(high))
+        return n, f"MuSc's mutual scoring with msm_interval [{low}, {high}] needs at least {n} test images"
+
     def __init__(
         self,
         backbone: ClipBackbone,

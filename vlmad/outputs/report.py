@@ -15,9 +15,9 @@ import io
 import json
 import math
 import os
-import re
 import platform
 import socket
+import sys
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmad.config import target_name
 from vlmad.io import atomic_write, atomic_write_json
-from vlmad.metrics.table import MEAN_ROW, read_csv, render_table
 from vlmad.metrics.published import PUBLISHED, lookup
+from vlmad.metrics.table import MEAN_ROW, read_csv, render_table
 from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns, natural_key
 
 RUN_JSON = "run.json"
@@ -222,9 +222,12 @@ def collect(root: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[st
     for d in sorted(dirs, key=lambda p: natural_key(p.relative_to(root).as_posix())):
         if (d / "comparison.json").exists():
             continue
-        info = json.loads((d / RUN_JSON).read_text()) if (d / RUN_JSON).exists() else None
-        overrides = info["overrides"] if info else _hydra_overrides(d)
+        info, unreadable = _read_run_json(d)
+        overrides = info.get("overrides") or [] if info else _hydra_overrides(d)
         entry = {"dir": str(d.relative_to(root)) or ".", "info": info or {}, "overrides": overrides}
+        if unreadable:
+            failed.append({**entry, "reason": f"unreadable run.json: {unreadable}{_finished(d)}"})
+            continue
         if info and info.get("status") == "done" and (d / "metrics.csv").exists():
             try:
                 entry["rows"] = read_csv(d / "metrics.csv")
@@ -236,8 +239,53 @@ def collect(root: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[st
         else:
             status = (info or {}).get("status", "no run.json")
             reason = (info or {}).get("error") or ("no metrics.csv" if status != "done" else "metrics.csv missing")
-            failed.append({**entry, "reason": f"{status}: {reason}"})
+            if status == "running" and _gone(info):
+                status, reason = "killed", f"run.json still says running but process {info.get('pid')} is gone"
+            failed.append({**entry, "reason": f"{status}: {reason}{_finished(d)}"})
     return done, failed
+
+
+def _read_run_json(job_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(run.json's content or None when there is none, the problem when it cannot be read)."""
+    path = job_dir / RUN_JSON
+    if not path.exists():
+        return None, None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return None, f"{path}: {type(err).__name__}: {err}"
+    if not isinstance(info, dict):
+        return None, f"{path}: not a JSON object"
+    return info, None
+
+
+def _gone(info: dict[str, Any]) -> bool:
+    """Whether a ``running`` job's process is known to be gone (same host, no such pid): it was killed."""
+    pid = info.get("pid")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _finished(job_dir: Path) -> str:
+    """``; finished: a, b (metrics.rank0.csv, ...)``: the categories an incomplete job had finished, if any."""
+    files = [job_dir / "metrics.csv"] if (job_dir / "metrics.csv").exists() else []
+    files = files or sorted(job_dir.glob("metrics.rank*.csv"), key=lambda p: natural_key(p.name))
+    categories: list[str] = []
+    for path in files:
+        try:
+            categories += [c for c in read_csv(path) if c != MEAN_ROW and c not in categories]
+        except (OSError, ValueError):
+            continue
+    if not categories:
+        return ""
+    return f"; finished: {', '.join(categories)} ({', '.join(p.name for p in files)})"
 
 
 def _hydra_overrides(job_dir: Path) -> list[str]:
@@ -340,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-category", action="store_true", help="one row per category, not only the mean")
     parser.add_argument("--ddof", type=int, default=0, help="std degrees of freedom (0: numpy default)")
     args = parser.parse_args(argv)
+    if not Path(args.dir).is_dir():
+        print(f"vlmad: error: {args.dir}: no such folder (a sweep or run folder is expected)", file=sys.stderr)
+        sys.exit(2)
     result = report(args.dir, per_category=args.per_category, ddof=args.ddof)
     from vlmad.outputs.html import write_sweep_report
 
