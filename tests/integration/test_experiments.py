@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 from conftest import SYNTHETIC
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from vlmad.engine import compare
 from vlmad.config import CONF_DIR, compose
+from vlmad.engine import compare
 from vlmad.engine.run import evaluate, train
 from vlmad.metrics.published import PUBLISHED, lookup
 from vlmad.metrics.table import read_csv
@@ -18,6 +19,12 @@ from vlmad.outputs.report import report
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 CATEGORY = {"mvtec": "bottle_syn", "visa": "candle_syn"}
+# the random-weights backbone of each family (and its model name), at a small size (patch 16 / 14)
+TINY = {
+    "clip": ["backbone=tiny", "backbone.image_size=64"],
+    "dinov2": ["backbone=tiny_dinov2", "backbone.image_size=56"],
+}
+TINY_NAME = {"clip": "vlmad-tiny", "dinov2": "vlmad-tiny-dinov2"}
 # 5 test images in one batch (fast_dev_run tests one batch): MuSc's mutual scoring needs at least 5 per category
 ONE_CATEGORY = {**SYNTHETIC, "n_test_good": 3}
 
@@ -45,10 +52,18 @@ def one_category_roots(tmp_path_factory) -> dict:
     return {k: generate(base / k, layout=k, categories=[c], **ONE_CATEGORY) for k, c in CATEGORY.items()}
 
 
-def _overrides(task: str, roots: dict, tmp_path) -> list[str]:
+def _family(spec: dict) -> str:
+    """The backbone family of an experiment's method (``clip`` for comparisons and method-less experiments)."""
+    method = next((d["override /method"] for d in spec.get("defaults", []) if "override /method" in d), None)
+    if method is None:
+        return "clip"
+    target = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml").method._target_
+    return get_class(target).backbone_families[0]
+
+
+def _overrides(task: str, roots: dict, tmp_path, family: str = "clip") -> list[str]:
     base = [
-        "backbone=tiny",
-        "backbone.image_size=64",
+        *TINY[family],
         f"paths.data_dir={tmp_path / 'data'}",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
@@ -85,8 +100,9 @@ def test_experiment_composes_and_runs(name, one_category_roots, tmp_path, reques
     if spec.get("ckpt_path") == "???":  # zero-shot projections, k_shot=4 (fitted at train.yaml's seed; the random
         # tiny weights come from backbone.random_seed, so evaluate's own seed loads them)
         extra += [f"ckpt_path={request.getfixturevalue('aprilgan_ckpt')}"]
-    cfg = compose(config, [*_overrides(config, one_category_roots, tmp_path), *extra], tmp_path / "run")
-    assert cfg.backbone.model_name == "vlmad-tiny"  # the command line wins over the experiment's backbone pin
+    family = _family(spec)
+    cfg = compose(config, [*_overrides(config, one_category_roots, tmp_path, family), *extra], tmp_path / "run")
+    assert cfg.backbone.model_name == TINY_NAME[family]  # the command line wins over the experiment's backbone pin
     if "comparison" in cfg:
         _, objects = compare.run(cfg)
         out = tmp_path / "run"
@@ -104,7 +120,7 @@ def test_experiment_composes_and_runs(name, one_category_roots, tmp_path, reques
     out = objects["module"].output_dir
     assert list(read_csv(out / "metrics.csv")) == [CATEGORY["mvtec"], "mean"] == list(results)
     info = json.loads((out / "run.json").read_text())
-    assert info["status"] == "done" and info["experiment"] == name and info["backbone"] == "vlmad-tiny"
+    assert info["status"] == "done" and info["experiment"] == name and info["backbone"] == TINY_NAME[family]
     assert info["k_shot"] == cfg.method.k_shot and info["eval_set"] == "Synthetic[mvtec]"
     if spec.get("published"):  # derived from the data: generated data has no published numbers
         assert "published" in info and info["published"] is None
@@ -146,6 +162,11 @@ def test_report_shows_published_next_to_this_run(one_category_roots, tmp_path):
         ("aprilgan_fewshot", ["data=visa"], "aprilgan_visa_k4"),
         ("musc", [], "musc_mvtec"),
         ("musc", ["data=visa"], "musc_visa"),
+        ("anomalydino", [], "anomalydino_mvtec_k1"),
+        ("anomalydino", ["data=visa", "method.k_shot=4"], "anomalydino_visa_k4"),
+        ("anomalydino", ["method.k_shot=3"], None),
+        ("subspacead", ["method.k_shot=2"], "subspacead_mvtec_k2"),
+        ("subspacead", ["data=visa"], "subspacead_visa_k1"),
     ],
 )
 def test_published_id_follows_data_and_k(tmp_path, experiment, overrides, expected):

@@ -23,6 +23,7 @@ from vlmad.methods.ops import autocast_active, fp32
 
 CATEGORIES = ["carpet_syn", "bottle_syn"]
 DATA = {"image_size": 64, "n_train": 4, "n_test_good": 10, "n_test_defect": 10, "seed": 0}  # 40 test images
+DINO = ["backbone=tiny_dinov2", "backbone.image_size=56"]
 # name -> (config overrides, extra overrides of the mixed run)
 METHODS = {
     "winclip": (["method=winclip"], []),
@@ -32,6 +33,10 @@ METHODS = {
     "aprilgan_k1": (["method=aprilgan", "method.k_shot=1"], []),
     "musc": (["method=musc"], []),  # precision=fp32 keeps its encoder in fp32 even inside bf16-mixed (its spec)
     "musc_bf16": (["method=musc"], ["method.precision=bf16"]),  # MuSc's own bf16 encoder setting
+    # DINOv2 methods on the tiny DINOv2 (56 px: 4x4 patches of 14 px)
+    "anomalydino": (["method=anomalydino", *DINO], []),
+    "anomalydino_masked": (["method=anomalydino", "method.masking=all", "method.mask_threshold=0.5", *DINO], []),
+    "subspacead": (["method=subspacead", "method.aug_count=3", *DINO], []),
 }
 # Measured on CPU in bf16 (this file's data): max |d AUROC| 0.0075 (image), 0.0004 (pixel); min map rank
 # correlation 0.99997 (see the README's "Mixed precision").
@@ -48,9 +53,9 @@ def data_root(tmp_path_factory):
 def _cfg(tmp_path, data_root, config_name: str, *overrides: str):
     nodes = ["data", "test_data"] if config_name == "train" else ["data"]  # train fits and tests on the same tree
     settings = {"root": data_root, "categories": f"[{','.join(CATEGORIES)}]", **DATA}
+    tiny = [] if any(o.startswith("backbone=") for o in overrides) else ["backbone=tiny", "backbone.image_size=64"]
     base = [
-        "backbone=tiny",
-        "backbone.image_size=64",
+        *tiny,
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "datamodule.batch_size=20",
@@ -72,7 +77,8 @@ def _score(cfg, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {"score": [], "map": [], "label": [], "mask": []}
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None), torch.no_grad():
         for category in dm.test_categories:
-            refs = dm.reference_images(category, method.k_shot, cfg.seed)[0] if method.k_shot else None
+            draw = method.reference_draw(dm.prompt_name(category))  # the method's rule and views (as the module)
+            refs = dm.reference_images(category, method.k_shot, cfg.seed, draw)[0] if method.k_shot else None
             method.prepare(dm.prompt_name(category), refs)
             batches = list(dm.test_dataloader()[dm.test_categories.index(category)])
             if method.transductive:

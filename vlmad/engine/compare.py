@@ -40,6 +40,10 @@ _TRAIN_ONLY = (
 )
 
 
+# the random-weights test backbone of each family (conf/backbone/<name>.yaml)
+TINY_BACKBONES = {"clip": "tiny", "dinov2": "tiny_dinov2"}
+
+
 def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
@@ -56,6 +60,41 @@ def _merge(*override_lists: list[str]) -> list[str]:
             merged.pop(_key(override), None)
             merged[_key(override)] = override
     return list(merged.values())
+
+
+def _conf_target(group: str, choice: str) -> str:
+    from vlmad.config import CONF_DIR
+
+    node = OmegaConf.load(CONF_DIR / group / f"{choice}.yaml")
+    return str((node.get("method", node) if group == "method" else node).get("_target_", ""))
+
+
+def member_family(overrides: list[str]) -> str:
+    """The backbone family (``clip``, ``dinov2``) of the member's ``method=...`` (its ``backbone_families``)."""
+    from hydra.utils import get_class
+
+    method = next((o.split("=", 1)[1] for o in overrides if _key(o) == "method"), None)
+    return get_class(_conf_target("method", method)).backbone_families[0] if method else "clip"
+
+
+def for_backbone_family(overrides: list[str], family: str) -> list[str]:
+    """The comparison's command-line overrides as a member on ``family`` backbones takes them.
+
+    A ``backbone=<choice>`` of another family is replaced by this family's tiny test backbone when it is the other
+    family's tiny one (``backbone=tiny`` reaches a DINOv2 member as ``tiny_dinov2``) and otherwise dropped (the
+    member keeps its own backbone); that choice's ``backbone.*`` settings are dropped with it (sizes differ with the
+    patch size).
+    """
+    choice = next((o.split("=", 1)[1] for o in overrides if _key(o) == "backbone"), None)
+    if choice is None:
+        return overrides
+    theirs = "dinov2" if _conf_target("backbone", choice).endswith("DinoBackbone") else "clip"
+    if theirs == family:
+        return overrides
+    out = [o for o in overrides if not _under(_key(o), ("backbone",))]
+    if choice == TINY_BACKBONES[theirs]:
+        out.append(f"backbone={TINY_BACKBONES[family]}")
+    return out
 
 
 def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictConfig:
@@ -78,6 +117,7 @@ def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictCo
     )
     own = [*data_choices, *member.get("overrides", []), f"run_name={name}"]
     keep = [o for o in ctx["shared"] if task == "train" or not _under(_key(o), _TRAIN_ONLY)]
+    keep = for_backbone_family(keep, member_family(member.get("overrides", [])))
     member_cfg = compose(task, _merge(own, keep), ctx["out"] / name)
     with open_dict(member_cfg):
         if task == "evaluate":
