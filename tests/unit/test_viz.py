@@ -8,6 +8,7 @@ from PIL import Image
 from vlmad.outputs.heatmaps import (
     PANEL_BAR,
     PANEL_GAP,
+    PANEL_REASONS,
     colorize,
     colour_scale,
     denormalize_image,
@@ -120,6 +121,10 @@ def test_select_panels_worst_fp_fn_and_every_defect_type():
     assert {types[i] for i, _ in picks} == {"good", "crack", "hole", "cut"}
     assert (4, "top") in picks and (6, "top") in picks  # the best crack, the only cut
     assert len(picks) == len({i for i, _ in picks}) == 6
+    reasons = [r for _, r in picks]  # each panel's reason is its own: only one "highest" / "lowest" of each
+    assert reasons.count("fp") + reasons.count("normal") == 1 and reasons.count("fn") + reasons.count("defect") == 1
+    assert (5, "normal_more") in picks and (2, "fn_more") in picks  # 0.2 < 0.55: normal; 0.5 <= 0.55: missed
+    assert all(r in PANEL_REASONS for r in reasons)
     assert select_panels(scores, labels, types, 2, threshold=0.95)[:2] == [(1, "normal"), (3, "fn")]
     assert [i for i, _ in select_panels(scores, labels, types, None)] == list(range(7))
 
@@ -183,3 +188,12 @@ def test_predictions_csv_has_absolute_paths_and_no_negative_zero(tmp_path, monke
     for name in ("predictions.csv", "metrics.csv"):
         assert "-0.0" not in (tmp_path / name).read_text()
     assert percent(-1e-9) == "0.0" and percent(0.5, -1e-9) == "50.0 ± 0.0"
+
+
+def test_report_captions_name_each_panels_own_reason():
+    from vlmad.outputs.html import panel_caption
+
+    assert panel_caption("04_fp_more_good_004.png") == f"{PANEL_REASONS['fp_more']}: 04_fp_more_good_004.png"
+    assert panel_caption("00_fp_good_000.png").startswith("false positive (highest-scoring normal image): ")
+    assert panel_caption("02_top_blob_001.png").startswith(PANEL_REASONS["top"])
+    assert panel_caption("custom.png") == "custom.png"

@@ -281,6 +281,11 @@ PANEL_REASONS = {
     "fn": "false negative (lowest-scoring defective image)",
     "defect": "lowest-scoring defective image (still detected)",
     "top": "highest-scoring image of its defect type",
+    # the further panels, in turn: normal images by descending, defective ones by ascending score
+    "fp_more": "false positive (a further normal image, by descending score)",
+    "normal_more": "a further normal image by descending score (not a false positive)",
+    "fn_more": "false negative (a further defective image, by ascending score)",
+    "defect_more": "a further defective image by ascending score (still detected)",
     "all": "every image saved",
 }
 
@@ -329,10 +334,12 @@ def select_panels(
     defective = sorted((i for i, y in enumerate(labels) if y != 0), key=lambda i: (scores[i], i))
 
     def normal_reason(i: int) -> str:
-        return "fp" if threshold is not None and scores[i] > threshold else "normal"
+        reason = "fp" if threshold is not None and scores[i] > threshold else "normal"
+        return reason if i == normal[0] else f"{reason}_more"  # only the first is "the highest-scoring"
 
     def defect_reason(i: int) -> str:
-        return "fn" if threshold is not None and scores[i] <= threshold else "defect"
+        reason = "fn" if threshold is not None and scores[i] <= threshold else "defect"
+        return reason if i == defective[0] else f"{reason}_more"
 
     picks: list[tuple[int, str]] = [(i, normal_reason(i)) for i in normal[:1]] + [
         (i, defect_reason(i)) for i in defective[:1]

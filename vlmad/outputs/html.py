@@ -23,6 +23,7 @@ from vlmad.metrics.names import METRIC_NAMES
 from vlmad.metrics.published import PUBLISHED, lookup
 from vlmad.metrics.table import MEAN_ROW, coverage_notes, percent, read_csv
 from vlmad.outputs.columns import GROUP_FIELDS, cell, display_columns
+from vlmad.outputs.heatmaps import PANEL_REASONS
 
 REPORT = "report.html"
 SHOWN = (*METRIC_NAMES, "pixel_aupro_legacy")
@@ -34,7 +35,8 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 td:first-child,th:first-child{text-align:left}tr.mean{font-weight:bold;background:#f3f3f3}tr.paper{color:#666}
 .flag{background:#c00;color:#fff;font-weight:bold;padding:2px 6px;border-radius:3px}
 .note{color:#555;font-size:.9em}.curves{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0}figcaption{font-size:.85em;color:#444}img.panel{max-width:100%;border:1px solid #ddd}
+figure{margin:0}figure.panel{margin:0 0 1.5em}figcaption{font-size:.85em;color:#444}
+img.panel{max-width:100%;border:1px solid #ddd}
 """
 
 
@@ -218,6 +220,14 @@ def _data_uri(png: Path, quality: int = 88) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def panel_caption(name: str) -> str:
+    """``false positive (highest-scoring normal image): 00_fp_good_004.png`` for a panel file named by
+    ``CategoryOutputs.save_panels`` (``NN_<reason>_<defect type>_<stem>.png``); the bare name otherwise."""
+    rest = name.split("_", 1)[-1]
+    reason = next((r for r in sorted(PANEL_REASONS, key=len, reverse=True) if rest.startswith(f"{r}_")), None)
+    return f"{PANEL_REASONS[reason]}: {name}" if reason else name
+
+
 def _gallery(run_dir: Path, categories: Sequence[str]) -> str:
     out = []
     for category in categories:
@@ -225,10 +235,10 @@ def _gallery(run_dir: Path, categories: Sequence[str]) -> str:
         if not pngs:
             continue
         out.append(f"<h3>{_esc(category)}</h3>")
-        for png in pngs:
+        for png in pngs:  # the caption above its own panel, a gap before the next
             out.append(
-                f'<figure><img class="panel" alt="{_esc(png.stem)}" src="{_data_uri(png)}">'
-                f"<figcaption>{_esc(png.name)}</figcaption></figure>"
+                f'<figure class="panel"><figcaption>{_esc(panel_caption(png.name))}</figcaption>'
+                f'<img class="panel" alt="{_esc(png.stem)}" src="{_data_uri(png)}"></figure>'
             )
     return "\n".join(out) or "<p>(no heatmap panels saved)</p>"
 
