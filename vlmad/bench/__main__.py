@@ -9,7 +9,9 @@ seconds, old and current default; the images each rule scores on MVTec-AD and Vi
 ``musc`` (ViT-L-14-336 at 518 px: encode and mutual-scoring time of a 5-image category on CPU, of a 200-image
 category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of the same block), ``pipeline``
 (images/s of decoding + resizing + normalising at 518 px through the real dataset and DataLoader, beside the
-model's images/s), ``export`` (each method at its paper backbone: CPU images/s in torch, ONNX Runtime and
+model's images/s), ``serve`` (vlmad serve on loopback: latency, throughput / offline at 1, 8, 32 clients,
+a worker SIGKILLed and SIGTERM mid-load, vlmad.bench.serve), ``int8`` (INT8 / fp32 OpenVINO speed per method),
+``export`` (each method at its paper backbone: CPU images/s in torch, ONNX Runtime and
 OpenVINO side by side, vlmad.bench.export). ``gpu_check`` (not in the default run: ``make gpu-check``) is
 vlmad.bench.gpu_check.
 Random weights cost exactly what trained weights cost; no quality is measured here.
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "sections",
         nargs="*",
-        default=["winclip", "anomalyclip", "training", "calibration", "sweep", "musc", "pipeline", "export"],
+        default=["winclip", "anomalyclip", "training", "calibration", "sweep", "musc", "pipeline", "export", "serve", "int8"],
     )
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
             from vlmad.bench import training as bench
 
             rows = bench.run(backbone="tiny", image_size=64, n_images=4, epochs=2) if args.quick else bench.run()
+        elif section in ("serve", "int8"):  # vlmad serve under load + faults; INT8 / fp32 OpenVINO speed
+            from vlmad.bench import serve as bench
+
+            rows = bench.run(args.quick) if section == "serve" else bench.run_int8(args.quick)
         elif section == "calibration":
             from vlmad.bench import calibration as bench
 

@@ -398,6 +398,28 @@ def run_int8(quick: bool = False, methods: tuple[str, ...] = ("winclip", "anomal
     return rows
 
 
+def run(quick: bool = False) -> list[dict]:
+    """``make bench`` section ``serve``: the load rows, then one row per fault."""
+    out = run_serve(quick)
+    rows = [
+        {k: r[k] for k in ("clients", "requests", "statuses", "p50_ms", "p99_ms", "images_per_s", "ratio_to_offline")}
+        for r in out["load"]
+    ]
+    rows.append({"fault": "SIGKILL worker", **{k: out["sigkill"]["during"][k] for k in ("statuses", "errors")}})
+    rows.append({"fault": "SIGTERM", **{k: out["sigterm"]["during"][k] for k in ("statuses", "errors")}})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Rows as aligned text (any keys)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    width = {k: max(len(k), *(len(cell(r.get(k, ""))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.rjust(width[k]) for k in keys)]
+    lines += ["  ".join(cell(r.get(k, "")).rjust(width[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m vlmad.bench.serve [--quick] [--int8]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
