@@ -37,7 +37,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "sections",
         nargs="*",
-        default=["winclip", "anomalyclip", "training", "calibration", "sweep", "musc", "pipeline", "export", "serve", "int8"],
+        default=[
+            "winclip",
+            "anomalyclip",
+            "training",
+            "calibration",
+            "sweep",
+            "musc",
+            "pipeline",
+            "export",
+            "serve",
+            "int8",
+        ],
     )
     parser.add_argument("--quick", action="store_true", help="tiny backbone, seconds: checks the harness only")
     args = parser.parse_args(argv)
