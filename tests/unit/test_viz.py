@@ -197,3 +197,31 @@ def test_report_captions_name_each_panels_own_reason():
     assert panel_caption("00_fp_good_000.png").startswith("false positive (highest-scoring normal image): ")
     assert panel_caption("02_top_blob_001.png").startswith(PANEL_REASONS["top"])
     assert panel_caption("custom.png") == "custom.png"
+
+
+def test_sweep_report_fits_a_window_banners_once_member_labels_integer_k(tmp_path, capsys):
+    import re
+
+    from vlmad.metrics.table import write_csv
+    from vlmad.outputs.report import main as report_main
+    from vlmad.outputs.report import write_run_json
+
+    base = {"status": "done", "eval_set": "MVTec", "backbone": "tiny", "pretrained": None, "seed": 0}
+    base |= {"eval_categories": ["bottle"], "fit_root": "/abs/data/visa", "eval_root": "/abs/data/mvtec"}
+    metrics = {"image_auroc": 0.9, "pixel_auroc": 0.8}
+    for k in (0, 1, 2, 4, 10):  # a k-shot sweep on one member
+        job = tmp_path / "cmp" / f"k{k}"
+        write_csv(job / "metrics.csv", {"bottle": metrics, "mean": metrics})
+        write_run_json(job, {**base, "method": "WinCLIP", "member": "WinCLIP few-shot", "k_shot": k, "overrides": []})
+    job = tmp_path / "cmp" / "april"  # an evaluate-only member: no fit root
+    write_csv(job / "metrics.csv", {"bottle": metrics, "mean": metrics})
+    write_run_json(job, {**base, "method": "AprilGAN", "member": "APRIL-GAN", "k_shot": 0, "fit_root": None})
+    report_main([str(tmp_path / "cmp")])
+    capsys.readouterr()
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert page.count("RANDOM WEIGHTS") == 1 and page.count("SUBSET OF CATEGORIES") == 1  # banners once
+    assert "<th>flags</th>" not in page and "<th>member</th>" in page and "<td>APRIL-GAN</td>" in page
+    assert "<td>/abs/data/visa</td>" not in page and 'title="/abs/data/visa">visa</span>' in page  # not absolute
+    assert "[None]" not in page and "[random weights]" in page
+    ticks = re.findall(r'text-anchor="middle">([\d.]+)</text>', page.split("k-shot curve</text>")[1].split("</svg>")[0])
+    assert ticks == ["0", "1", "2", "4", "10"]  # integer k ticks, the values run

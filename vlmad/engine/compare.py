@@ -125,6 +125,7 @@ def compose_member(ctx: dict[str, Any], name: str, member: DictConfig) -> DictCo
         else:
             member_cfg.data, member_cfg.test_data = ctx["data"], ctx["test_data"]
         member_cfg.published = member.get("published") if ctx["paper"] else None
+        member_cfg.member = member.get("label", name)  # run.json's "member": the reports label rows by it
     return member_cfg
 
 

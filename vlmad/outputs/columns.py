@@ -9,6 +9,7 @@ from typing import Any
 from vlmad.metrics.table import percent
 
 GROUP_FIELDS = (
+    "member",  # a comparison's member label (None outside comparisons: then never shown)
     "experiment",
     "method",
     "eval_set",

@@ -31,7 +31,8 @@ KSHOT_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;margin:.5em 0}table.sweep{font-size:.85em}table.sweep td{white-space:nowrap}
+small.paper{color:#666}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr.mean{font-weight:bold;background:#f3f3f3}tr.paper{color:#666}
 .flag{background:#c00;color:#fff;font-weight:bold;padding:2px 6px;border-radius:3px}
 .note{color:#555;font-size:.9em}.curves{display:flex;flex-wrap:wrap;gap:12px}
@@ -119,6 +120,7 @@ def svg_plot(
     ylim: tuple[float, float] = (0.0, 1.0),
     errors: Sequence[Sequence[float] | None] | None = None,
     diagonal: bool = False,
+    xticks: Sequence[float] | None = None,
 ) -> str:
     """An inline SVG line plot with axes, ticks and a legend.
 
@@ -131,6 +133,7 @@ def svg_plot(
         ylim: y range.
         errors: optional ± error per point of each series (error bars).
         diagonal: draw the chance diagonal (ROC).
+        xticks: the x tick values (e.g. the integer k of a k-shot curve); None: five evenly spaced ticks.
 
     Returns:
         ``<svg ...>...</svg>``.
@@ -152,9 +155,11 @@ def svg_plot(
         f'<text x="11" y="{top + ph / 2}" font-size="11" text-anchor="middle" '
         f'transform="rotate(-90 11 {top + ph / 2})">{_esc(ylabel)}</text>',
     ]
-    for i in range(5):
-        xv, yv = xlim[0] + i * (xlim[1] - xlim[0]) / 4, ylim[0] + i * (ylim[1] - ylim[0]) / 4
+    ticks = list(xticks) if xticks is not None else [xlim[0] + i * (xlim[1] - xlim[0]) / 4 for i in range(5)]
+    for xv in ticks:
         parts.append(f'<text x="{px(xv):.1f}" y="{top + ph + 12}" font-size="9" text-anchor="middle">{xv:g}</text>')
+    for i in range(5):
+        yv = ylim[0] + i * (ylim[1] - ylim[0]) / 4
         parts.append(f'<text x="{left - 3}" y="{py(yv) + 3:.1f}" font-size="9" text-anchor="end">{yv:.2g}</text>')
     if diagonal:
         parts.append(f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(1)}" stroke="#bbb" stroke-dasharray="4"/>')
@@ -306,16 +311,46 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- sweep page
+def _defined(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _metric_cell(row: dict[str, Any], column: str) -> str:
+    """``91.1 ±0.2`` with the std small and, under it, the published number when there is one."""
+    value, std, paper = row.get(column), row.get(f"{column}_std"), row.get(f"{column} (paper)")
+    if not _defined(value):
+        return "n/a"
+    text = _esc(percent(value)) + (f"<small> ±{_esc(percent(std))}</small>" if _defined(std) else "")
+    return text + (f'<br><small class="paper">paper {_esc(percent(paper))}</small>' if _defined(paper) else "")
+
+
+def _group_cell(row: dict[str, Any], column: str) -> str:
+    """A setting's cell; a data root as its folder name (the full path in the tooltip), not an absolute path."""
+    text = cell(row, column)
+    if column.endswith("_root") and _defined(row.get(column)) and str(row[column]) not in ("None", ""):
+        return f'<span title="{_esc(row[column])}">{_esc(Path(str(row[column])).name)}</span>'
+    return _esc(text)
+
+
 def _sweep_table(rows: list[dict[str, Any]]) -> str:
+    """Settings, then one column per metric (mean ±std, the paper's number beneath); flags only where rows differ.
+
+    The page states flags shared by every row once, at the top; a ``flags`` column appears only when they differ.
+    """
     group_cols, metric_cols = display_columns(rows)
-    head = "".join(f"<th>{_esc(c)}</th>" for c in [*group_cols, *metric_cols, "flags"])
-    out = [f"<table><tr>{head}</tr>"]
-    for row in rows:
-        texts = flags(row.get("pretrained"), row.get("eval_categories"), row.get("published"))
-        cells = "".join(f"<td>{_esc(cell(row, c))}</td>" for c in [*group_cols, *metric_cols])
-        paper = any(c.endswith("(paper)") and row.get(c) is not None for c in metric_cols)
+    own = [c for c in metric_cols if not c.endswith("(paper)")]
+    texts = [flags(r.get("pretrained"), r.get("eval_categories"), r.get("published")) for r in rows]
+    differ = len({tuple(t) for t in texts}) > 1
+    names = [*group_cols, *own, *(["flags"] if differ else [])]
+    head = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in names)
+    out = [f'<table class="sweep"><tr>{head}</tr>']
+    for row, row_flags in zip(rows, texts, strict=True):
+        cells = "".join(f"<td>{_group_cell(row, c)}</td>" for c in group_cols)
+        cells += "".join(f"<td>{_metric_cell(row, c)}</td>" for c in own)
+        if differ:
+            cells += f"<td>{_esc(', '.join(t.split(':')[0].split(' (')[0] for t in row_flags))}</td>"
         cls = ' class="mean"' if row.get("category") == MEAN_ROW else ""
-        out.append(f"<tr{cls}>{cells}<td>{_flag_html(texts) if paper or texts else ''}</td></tr>")
+        out.append(f"<tr{cls}>{cells}</tr>")
     return "\n".join(out) + "</table>"
 
 
@@ -334,9 +369,9 @@ def kshot_series(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, list[t
         if len({int(m.get("k_shot") or 0) for m in members}) < 2:
             continue
         first = members[0]
-        label = (
-            f"{first.get('method')} on {first.get('eval_set')} | {first.get('backbone')} [{first.get('pretrained')}]"
-        )
+        weights = first.get("pretrained") if _defined(first.get("pretrained")) else "random weights"
+        who = first.get("member") or first.get("method")
+        label = f"{who} on {first.get('eval_set')} | {first.get('backbone')} [{weights}]"
         curves = {}
         for metric in KSHOT_METRICS:
             points = [(int(m.get("k_shot") or 0), m.get(metric), m.get(f"{metric}_std")) for m in members]
@@ -355,9 +390,17 @@ def _kshot_plots(rows: list[dict[str, Any]]) -> str:
         errors = [[s for _, _, s in p] for p in curves.values()]
         values = [v for _, _, ys in series for v in ys if not math.isnan(v)]
         low = max(0.0, math.floor(10 * min(values)) / 10) if values else 0.0
-        plots.append(
-            svg_plot(series, label, "k_shot", "mean ± std over seeds", (min(ks), max(ks)), (low, 1.0), errors=errors)
+        svg = svg_plot(
+            series,
+            "k-shot curve",
+            "k_shot",
+            "mean ± std",
+            (min(ks), max(ks)),
+            (low, 1.0),
+            errors,
+            xticks=sorted(set(ks)),
         )
+        plots.append(f"<figure><figcaption>{_esc(label)}</figcaption>{svg}</figure>")  # the label may be long
     return '<div class="curves">' + "".join(plots) + "</div>" if plots else "<p>(k_shot does not vary)</p>"
 
 

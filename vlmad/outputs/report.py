@@ -99,6 +99,7 @@ def run_info(cfg: DictConfig, status: str = "done", **extra: Any) -> dict[str, A
         "status": status,
         "task": cfg.get("task_name"),
         "method": target_name(cfg.method),
+        "member": cfg.get("member"),  # a comparison member's label (vlmad compare), else None
         "eval_set": _dataset(target),
         "eval_root": str(target.get("root")),
         "eval_categories": OmegaConf.to_container(target.categories) if target.get("categories") else None,
