@@ -372,10 +372,11 @@ def test_export_writes_only_its_own_folder_and_a_failed_export_changes_nothing(
     trainer.strategy.connect(AnomalyModule(build_method(compose("export", base, tmp_path / "c"))[0]))
     trainer.save_checkpoint(training / "last.ckpt")
     target = tmp_path / "exports" / "bottle"
-    cfg = compose("export", [*base, f"ckpt_path={training / 'last.ckpt'}", f"output_dir={target}"], tmp_path / "r")
+    ckpt = f"ckpt_path={training / 'last.ckpt'}"
+    cfg = compose("export", [*base, ckpt, "format=both", f"output_dir={target}"], tmp_path / "r")
     assert export(cfg) == target
     assert [p.name for p in training.iterdir()] == ["last.ckpt"]  # no last.ckpt.threshold.json beside it
-    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "vlmad_model.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["model.bin", "model.onnx", "model.xml", "vlmad_model.json"]
     assert [p.name for p in target.parent.iterdir()] == ["bottle"]  # no staging folder left
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     info = deploy.read_manifest(target)
@@ -391,7 +392,11 @@ def test_export_writes_only_its_own_folder_and_a_failed_export_changes_nothing(
         export(cfg)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the earlier export, untouched
     assert [p.name for p in target.parent.iterdir()] == ["bottle"]
-    deploy.load(target)  # and still loads
+    deploy.load(target, "openvino")  # and still loads
+
+    export(compose("export", [*base, "format=onnx", f"output_dir={target}"], tmp_path / "r2b"))  # replaces it whole
+    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "vlmad_model.json"]  # no stale model.xml
+    assert [p.name for p in target.parent.iterdir()] == ["bottle"]
 
     monkeypatch.setattr(ex, "export_onnx", disk_full)
     fresh = tmp_path / "new" / "deeper" / "bottle"
