@@ -303,11 +303,12 @@ def _torch_scorer(cfg: DictConfig, out: Path) -> Scorer:
         (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
     method.prepare(cfg.class_name, references)
     threshold = resolve_threshold(cfg, method, preprocess, ref_paths)
+    view = method.for_class(cfg.class_name).eval()  # the very module an export traces: one path for both
 
     def score(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            pred = method(torch.from_numpy(images).to(device), [cfg.class_name] * len(images))
-        return pred.pred_score.float().cpu().numpy(), pred.anomaly_map.float().cpu().numpy()
+            scores, maps = view(torch.from_numpy(images).to(device))
+        return scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
     title = f"{type(method).__name__} k_shot={method.k_shot} | {method.backbone.model_name} | torch"
     size = method.backbone.image_size
