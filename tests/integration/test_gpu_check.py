@@ -30,6 +30,10 @@ def _check_report(report: dict, out) -> None:
         assert row["map_rank_corr"] >= 0.99
         assert row["devices_ok"]  # every parameter and buffer on the check's device
     assert report["musc_category"]["images_per_s"] > 0
+    dino = report["dino_fewshot"]  # AnomalyDINO and SubspaceAD: per-image times and set-up per k
+    assert {(d["method"], d["k"]) for d in dino} >= {("anomalydino", 1), ("subspacead", 2)}
+    assert all(d["bare_s"] > 0 and d["forward_s"] > 0 and d["setup_s"] > 0 and d["views"] > d["k"] for d in dino)
+    assert all(r["setup_s"] > 0 for r in report["rows"] if r["method"] in ("anomalydino", "subspacead"))
     e2e = report["end_to_end"]
     assert e2e["steps"] > 0 and e2e["learned_fp32"]
     assert 0 <= e2e["image_auroc"] <= 1 and 0 <= e2e["pixel_auroc"] <= 1

@@ -12,7 +12,10 @@ category in bf16 on a GPU, peak memory, scoring FLOP/s against a plain matmul of
 model's images/s), ``serve`` (vlmad serve on loopback: latency, throughput / offline at 1, 8, 32 clients,
 a worker SIGKILLed and SIGTERM mid-load, vlmad.bench.serve), ``int8`` (INT8 / fp32 OpenVINO speed per method),
 ``export`` (each method at its paper backbone: CPU images/s in torch, ONNX Runtime and
-OpenVINO side by side, vlmad.bench.export). ``gpu_check`` (not in the default run: ``make gpu-check``) is
+OpenVINO side by side, vlmad.bench.export), ``dino_fewshot`` (AnomalyDINO at 448 px on ViT-S/14, SubspaceAD at
+672 px on ViT-g/14-reg4: s/image against the bare DINOv2 pass, and the reference set-up (views, PCA / memory bank)
+for k = 1, 2, 4; on a CPU ViT-g runs with 1 reference and 2 rotations per pass, the rest as the paper).
+``gpu_check`` (not in the default run: ``make gpu-check``) is
 vlmad.bench.gpu_check.
 Random weights cost exactly what trained weights cost; no quality is measured here.
 """
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             "musc",
             "pipeline",
             "export",
+            "dino_fewshot",
             "serve",
             "int8",
         ],
@@ -108,10 +112,20 @@ def main(argv: list[str] | None = None) -> None:
             from vlmad.bench import export as bench
 
             rows = bench.run(backbone_name="vlmad-tiny") if args.quick else bench.run()
+        elif section == "dino_fewshot":
+            from vlmad.bench import dino_fewshot as bench
+
+            if args.quick:
+                quick = {"image_size": 56, "backbone_name": "vlmad-tiny-dinov2", "aug_count": 3, "source_size": 96}
+                rows = bench.run(ks=(1, 2), **quick)
+            elif torch.cuda.is_available():
+                rows = bench.run(device="cuda")
+            else:  # ViT-g at 672 px is minutes per image on a CPU: one reference, 2 rotations per PCA pass
+                rows = [*bench.run(("anomalydino",)), *bench.run(("subspacead",), ks=(1,), n_images=1, aug_count=2)]
         else:
             raise SystemExit(
                 f"unknown section {section!r} "
-                "(winclip, anomalyclip, training, calibration, sweep, musc, pipeline, export)"
+                "(winclip, anomalyclip, training, calibration, sweep, musc, pipeline, export, dino_fewshot)"
             )
         done[section] = rows
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)

@@ -1,11 +1,13 @@
 """``make gpu-check``: every method at its paper backbone and size on one CUDA device, fp32 vs bf16, in minutes.
 
-Per method (random weights, ``pretrained=None``; random weights cost what trained ones cost): images/s at batch
-32 in fp32 and under bf16 autocast (warm-up, then timed between ``torch.cuda.synchronize`` calls), peak GPU
-memory, bf16-vs-fp32 agreement of the maps and scores (max |diff|, Spearman rank correlation); MuSc also as a
-200-image category in bf16 (``vlmad.bench.musc``); then a tiny-backbone train + evaluate through ``vlmad.engine.run`` on
-the device in ``bf16-mixed``. Prints one table and writes it as JSON. ``--cpu-smoke`` runs the same code with the
-tiny backbone at 64 px on the CPU in seconds (the test suite runs it, so the script cannot rot).
+Per method (random weights, ``pretrained=None``; random weights cost what trained ones cost): images/s at batch 32
+in fp32 and under bf16 autocast (warm-up, then timed between ``torch.cuda.synchronize`` calls), peak GPU memory,
+bf16-vs-fp32 agreement of the maps and scores (max |diff|, Spearman rank correlation); MuSc also as a 200-image
+category in bf16 (``vlmad.bench.musc``); AnomalyDINO and SubspaceAD also as s/image against the bare DINOv2 pass
+with their reference set-up for k = 1, 2, 4 (``vlmad.bench.dino_fewshot``); then a tiny-backbone train + evaluate
+through ``vlmad.engine.run`` on the device in ``bf16-mixed``. Prints one table and writes it as JSON.
+``--cpu-smoke`` runs the same code with the tiny backbones (CLIP at 64 px, DINOv2 at 56 px) on the CPU in seconds
+(the test suite runs it, so the script cannot rot).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("winclip", "anomalyclip", "aprilgan", "musc")
+METHODS = ("winclip", "anomalyclip", "aprilgan", "musc", "anomalydino", "subspacead")
+TINY = {"clip": ("tiny", 64), "dinov2": ("tiny_dinov2", 56)}  # smoke backbone per family (patch 16 / 14)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMOKE = {"batch": 6, "image_size": 64, "warmup": 0, "repeats": 1}  # MuSc scores a set: >= 5 images
 GPU = {"batch": 32, "warmup": 1, "repeats": 3}
@@ -56,14 +59,17 @@ def _sync(device: torch.device) -> None:
 
 def build_method(name: str, device: torch.device, smoke: bool, workdir: Path) -> Any:
     """The method with its conf/method default backbone (random weights), or the tiny one at 64 px, on ``device``."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
     from lightning import seed_everything
+    from omegaconf import OmegaConf
 
-    from vlmad.config import compose
+    from vlmad.config import CONF_DIR, compose
 
     overrides = [f"method={name}", "backbone.pretrained=null"]
     if smoke:
-        overrides += ["backbone=tiny", f"backbone.image_size={SMOKE['image_size']}"]
+        target = OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml").method._target_
+        tiny, size = TINY[get_class(target).backbone_families[0]]
+        overrides += [f"backbone={tiny}", f"backbone.image_size={size}"]
     cfg = compose("evaluate", overrides, workdir / name)
     seed_everything(0, verbose=False)
     with warnings.catch_warnings():
@@ -89,8 +95,36 @@ def _predict(method: Any, images: Tensor, precision: str) -> Any:
         if method.transductive:
             method.precision = precision  # MuSc's own encoder setting (it leaves the outer autocast otherwise)
             return method(images)
-        method.prepare("object", images[: method.k_shot] if method.k_shot else None)
+        if method.reference_draw("object") is None:  # few-shot methods with their own draw: prepared once
+            method.prepare("object", images[: method.k_shot] if method.k_shot else None)
         return method(images, ["object"] * len(images))
+
+
+def prepare_views(method: Any, images: Tensor) -> float:
+    """Prepare a method that draws reference views (AnomalyDINO, SubspaceAD) from the first k images; seconds.
+
+    The views (rotations) are made from the images turned back into 8-bit pictures, as the datamodule makes them
+    from the original files, then preprocessed and encoded by ``prepare`` (not part of the images/s).
+    """
+    from PIL import Image
+
+    from vlmad.data.transforms import Preprocess
+
+    mean = torch.tensor(method.backbone.mean, device=images.device).view(3, 1, 1)
+    std = torch.tensor(method.backbone.std, device=images.device).view(3, 1, 1)
+    pictures = [
+        ((img * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        for img in images[: method.k_shot]
+    ]
+    start = time.perf_counter()
+    draw = method.reference_draw("object")
+    views = draw.views(pictures, torch.Generator().manual_seed(0)) if draw.views is not None else pictures
+    transform = Preprocess(**method.backbone.preprocess_config())
+    refs = torch.stack([transform(Image.fromarray(v), None)[0] for v in views]).to(images.device)
+    with torch.inference_mode():
+        method.prepare("object", refs)
+    _sync(images.device)
+    return time.perf_counter() - start
 
 
 def measure(method: Any, images: Tensor, precision: str, warmup: int, repeats: int) -> tuple[dict, Any]:
@@ -131,6 +165,7 @@ def method_row(name: str, device: torch.device, smoke: bool, workdir: Path) -> d
     method = build_method(name, device, smoke, workdir)
     plan = SMOKE if smoke else GPU
     images = images_for(method, plan["batch"], device)
+    setup_s = prepare_views(method, images) if method.reference_draw("object") is not None else None
     speed, preds = {}, {}
     for precision in DTYPES:
         speed[precision], preds[precision] = measure(method, images, precision, plan["warmup"], plan["repeats"])
@@ -139,6 +174,7 @@ def method_row(name: str, device: torch.device, smoke: bool, workdir: Path) -> d
     for precision, values in speed.items():
         row.update({f"{precision}_{k}": v for k, v in values.items()})
     row.update(agreement(preds["fp32"], preds["bf16"]))
+    row["setup_s"] = setup_s  # reference views + prepare (fp32), k = the method's default
     row["devices_ok"] = all(t.device.type == device.type for t in [*method.parameters(), *method.buffers()])
     row["seconds"] = time.perf_counter() - start
     del method
@@ -156,6 +192,19 @@ def musc_category(device: torch.device, smoke: bool) -> dict:
     else:
         row = musc.run(n_images=200, device="cuda", precision="bf16", batch_size=16)[0]
     return {**row, "images_per_s": row["n"] / row["total_s"]}
+
+
+def dino_fewshot(device: torch.device, smoke: bool, methods: tuple[str, ...]) -> list[dict]:
+    """AnomalyDINO / SubspaceAD s/image vs the bare DINOv2 pass, set-up for k = 1, 2, 4 (vlmad.bench.dino_fewshot)."""
+    from vlmad.bench import dino_fewshot as bench
+
+    chosen = tuple(m for m in ("anomalydino", "subspacead") if m in methods)
+    if not chosen:
+        return []
+    if smoke:
+        tiny = {"image_size": 56, "backbone_name": "vlmad-tiny-dinov2", "aug_count": 3, "source_size": 96}
+        return bench.run(chosen, ks=(1, 2), warmup=0, **tiny)
+    return bench.run(chosen, device="cuda", n_images=4)
 
 
 def end_to_end(device: torch.device, workdir: Path) -> dict:
@@ -209,6 +258,7 @@ def run(smoke: bool = False, methods: tuple[str, ...] = METHODS, workdir: Path |
         work = Path(workdir or tmp)
         rows = [method_row(name, device, smoke, work) for name in methods]
         musc = musc_category(device, smoke) if "musc" in methods else None
+        dino = dino_fewshot(device, smoke, methods)
         e2e = end_to_end(device, work)
     return {
         "mode": "cpu-smoke" if smoke else "cuda",
@@ -216,6 +266,7 @@ def run(smoke: bool = False, methods: tuple[str, ...] = METHODS, workdir: Path |
         "torch": torch.__version__,
         "rows": rows,
         "musc_category": musc,
+        "dino_fewshot": dino,
         "end_to_end": e2e,
         "seconds": time.perf_counter() - start,
     }
@@ -244,6 +295,13 @@ def format_report(report: dict) -> str:
         lines.append(
             f"musc category: {m['n']} images at {m['size']} px, {m['precision']}: {m['images_per_s']:.1f} img/s "
             f"(encode {m['encode_s']:.1f} s, score {m['score_s']:.1f} s, peak {m['peak_mb']:.0f} MB)"
+        )
+    for d in report.get("dino_fewshot") or []:
+        lines.append(
+            f"{d['method']} {d['backbone']} {d['size']} px, k={d['k']} ({d['views']} views): "
+            f"set-up {d['setup_s']:.2f} s; "
+            f"s/img bare {d['bare_s']:.4f}, encode {d['encode_s']:.4f}, forward {d['forward_s']:.4f} "
+            f"(scoring {100 * d['overhead']:.1f} % of the bare pass)"
         )
     e = report["end_to_end"]
     lines.append(
