@@ -313,3 +313,33 @@ def test_folder_watch_across_a_restart_and_sigterm_answers_in_flight(server, tes
     rows = _rows(table)
     assert sorted(r["file"] for r in rows) == ["a.png", "b.png", "c.png"]
     assert float(rows[2]["score"]) == pytest.approx(float(offline.scores[2]), abs=1e-5)
+
+
+def test_torch_path_method_and_checkpoint_in_a_worker(synthetic_roots, tmp_path, test_images):
+    """``method=... (ckpt_path=...)``: the worker builds the torch method as vlmad predict does (in process here)."""
+    import torch
+
+    from vlmad.data import Preprocess, load_image
+    from vlmad.deploy.predict import build_method
+    from vlmad.deploy.serve import InspectionAPI, Limits, describe, read_upload, resolve
+
+    cfg = compose(
+        "serve",
+        ["backbone=tiny", "backbone.image_size=64", "method=winclip", "class_name=bottle", "threshold.value=0.44"],
+        tmp_path,
+    )
+    spec = resolve(cfg)
+    info = describe(spec)
+    assert info["method"] == "WinCLIP" and info["source"]["backend"] == "torch" and info["precision"] == "torch fp32"
+    api = InspectionAPI(spec, info, 8, 0.0)
+    api.setup("cpu")
+    pixels = [read_upload(p.read_bytes(), p.name, 64, Limits()) for p in test_images[:2]]
+    out = api.predict([{"pixels": p, "maps": True} for p in pixels])
+    method, _ = build_method(cfg)
+    method.prepare("bottle", None)
+    pre = Preprocess(64, method.backbone.mean, method.backbone.std)
+    with torch.no_grad():
+        ref = method(torch.stack([pre(load_image(p), None)[0] for p in test_images[:2]]), ["bottle"] * 2)
+    for r, score in zip(out, ref.pred_score.tolist(), strict=True):
+        assert r["score"] == pytest.approx(score, abs=1e-5) and r["decision"] == ("NG" if score > 0.44 else "OK")
+        assert r["batch_size"] == 2 and "overlay_png" in r
