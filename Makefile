@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install test test-all parity lint format demo bench gpu-check smoke train evaluate report wheel clean
+.PHONY: help install test test-fast test-all parity lint format demo bench gpu-check smoke train evaluate report wheel clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ install: $(STAMP) ## create .venv and install vlmad with dev extras (first use o
 
 test: $(STAMP) ## fast test suite (no network, no real weights), incl. parity with the reference fixtures
 	$(BIN)/python -m pytest -m "not slow and not gpu and not weights" $(ARGS)
+
+test-fast: $(STAMP) ## the inner loop while editing: unit + parity tests only (no end-to-end runs; target <= 90 s)
+	$(BIN)/python -m pytest tests/unit tests/parity -m "not slow and not gpu and not weights" -q $(ARGS)
 
 test-all: $(STAMP) ## every test that can run here (incl. slow)
 	$(BIN)/python -m pytest -m "not gpu and not weights" $(ARGS)
