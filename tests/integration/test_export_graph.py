@@ -24,13 +24,15 @@ from vlmad.methods.ops import min_cosine_distance
 from vlmad.methods.winclip import WinCLIP
 
 TINY2 = "vlmad-tiny-d2"
+# two sentences per class instead of the shipped ensembles (hundreds): the text encoder is not what is tested
+PROMPTS = {"normal_states": ["flawless {}"], "anomalous_states": ["damaged {}"], "templates": ["a photo of a {}."]}
 METHODS = {
-    "winclip": lambda bb: WinCLIP(bb),
+    "winclip": lambda bb: WinCLIP(bb, prompts=PROMPTS),
     # 4 windows per transformer call: several chunks per scale, still one graph for every batch size
-    "winclip_k1": lambda bb: WinCLIP(bb, k_shot=1, window_chunk=4, smoothing_sigma=1.5),
+    "winclip_k1": lambda bb: WinCLIP(bb, k_shot=1, prompts=PROMPTS, window_chunk=4, smoothing_sigma=1.5),
     "anomalyclip": lambda bb: AnomalyCLIP(bb, feature_layers=[0, 1], dpam_start=1, deep_prompt_depth=2),
-    "aprilgan": lambda bb: AprilGAN(bb, feature_layers=[0, 1]),
-    "aprilgan_k2": lambda bb: AprilGAN(bb, k_shot=2, feature_layers=[0, 1], image_fusion="fixed"),
+    "aprilgan": lambda bb: AprilGAN(bb, feature_layers=[0, 1], prompts=PROMPTS),
+    "aprilgan_k2": lambda bb: AprilGAN(bb, k_shot=2, feature_layers=[0, 1], prompts=PROMPTS, image_fusion="fixed"),
 }
 
 
