@@ -33,6 +33,7 @@ METHODS = {
     "aprilgan_k1": (["method=aprilgan", "method.k_shot=1"], []),
     "musc": (["method=musc"], []),  # precision=fp32 keeps its encoder in fp32 even inside bf16-mixed (its spec)
     "musc_bf16": (["method=musc"], ["method.precision=bf16"]),  # MuSc's own bf16 encoder setting
+    "visualad": (["method=visualad"], []),  # the tower (with its tokens) in bf16, SCA/SAF/cosines in fp32
     # DINOv2 methods on the tiny DINOv2 (56 px: 4x4 patches of 14 px)
     "anomalydino": (["method=anomalydino", *DINO], []),
     "anomalydino_masked": (["method=anomalydino", "method.masking=all", "method.mask_threshold=0.5", *DINO], []),
@@ -180,7 +181,7 @@ def test_lightning_bf16_mixed_evaluate_matches_32(tmp_path, data_root):
         assert results["bf16-mixed"]["mean"][metric] == pytest.approx(results["32-true"]["mean"][metric], abs=0.01)
 
 
-@pytest.mark.parametrize("method", ["anomalyclip", "aprilgan"])
+@pytest.mark.parametrize("method", ["anomalyclip", "aprilgan", "visualad"])
 def test_bf16_mixed_training_step(tmp_path, data_root, method):
     cfg = _cfg(
         tmp_path,
