@@ -2,14 +2,21 @@
 
 The fixture folder is ``$VLMAD_REFERENCE_FIXTURES`` if set, else ``tests/fixtures`` (a copy of the shared
 reference set). Every ``*.pt`` directly inside a method folder is one fixture; the CLIP it was computed
-with is named inside the fixture, never assumed here.
+with is named inside the fixture, never assumed here. A method folder (e.g. ``metrics/``) or CLIP file the set
+folder lacks is taken from the shipped ``tests/fixtures``, saying so once (a warning).
+
+A fixture may leave keys out (``meta omitted_keys``, exact keys or globs such as ``lnamd/*``). The parity tests
+then skip exactly those comparisons; a stage whose reference *input* is left out runs from vlmad's own upstream
+output instead, so it is still checked, end to end.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import lzma
 import os
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -18,17 +25,26 @@ import torch
 from vlmad.backbones import ClipBackbone
 
 HERE = Path(__file__).resolve().parent
+SHIPPED = HERE.parent / "fixtures"
 
 
 def fixture_root() -> Path:
     """The reference fixture folder."""
-    return Path(os.environ.get("VLMAD_REFERENCE_FIXTURES", HERE.parent / "fixtures")).expanduser()
+    return Path(os.environ.get("VLMAD_REFERENCE_FIXTURES", SHIPPED)).expanduser()
+
+
+def _fixtures_in(folder: Path) -> list[Path]:
+    return sorted([*folder.glob("*.pt"), *folder.glob("*.pt.xz")])  # .xz: a copy kept under the repo's size limit
 
 
 def fixture_files(method: str) -> list[Path]:
-    """Every fixture of a method folder (sorted); fails loudly if there is none."""
-    folder = fixture_root() / method
-    files = sorted([*folder.glob("*.pt"), *folder.glob("*.pt.xz")])  # .xz: a copy kept under the repo's size limit
+    """Every fixture of a method folder (sorted); the shipped ones when the set folder has none; else fails loudly."""
+    files = _fixtures_in(fixture_root() / method)
+    if not files and fixture_root().resolve() != SHIPPED.resolve():
+        files = _fixtures_in(SHIPPED / method)
+        if files:
+            where = f"{fixture_root() / method}: no fixtures there; using the shipped {SHIPPED / method}"
+            warnings.warn(where, stacklevel=2)
     if not files:
         raise FileNotFoundError(f"no *.pt fixtures in {fixture_root() / method}")
     return files
@@ -46,12 +62,31 @@ def meta(fx: dict, key: str):
     return fx["meta"][key] if "meta" in fx else fx[f"meta.{key}"]
 
 
-def omitted(fx: dict) -> set[str]:
+class OmittedKeys(frozenset):
+    """The keys a fixture leaves out; ``key in`` also matches glob entries (``features/block*/tokens``)."""
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key) or any(fnmatch.fnmatchcase(str(key), str(p)) for p in self)
+
+
+def omitted(fx: dict) -> OmittedKeys:
     """Keys a large fixture leaves out (their comparisons are skipped)."""
     try:
-        return set(meta(fx, "omitted_keys"))
+        return OmittedKeys(meta(fx, "omitted_keys"))
     except KeyError:
-        return set()
+        return OmittedKeys()
+
+
+def reference_or_ours(fx: dict, key: str, ours):
+    """The reference's ``fx[key]`` as a stage's input, or (key omitted) vlmad's own upstream output.
+
+    ``ours`` is the value or a zero-argument callable computing it (only called when needed).
+    """
+    if key in fx:
+        return fx[key]
+    if key not in omitted(fx):
+        raise KeyError(f"{key}: neither in the fixture nor listed in its omitted_keys")
+    return ours() if callable(ours) else ours
 
 
 def _expand_compact(path: Path) -> dict[str, torch.Tensor]:
@@ -72,6 +107,8 @@ def clip_checkpoint(fx: dict, tmp_dir: Path) -> tuple[Path, Path]:
     Uses the named weights file when it exists, else the compact copy expanded into ``tmp_dir``.
     """
     root = fixture_root()
+    if not (root / meta(fx, "clip_config")).is_file():  # a set folder without the CLIP files: the shipped ones
+        root = SHIPPED
     config = root / meta(fx, "clip_config")
     weights = root / meta(fx, "clip_weights")
     if weights.is_file():

@@ -184,8 +184,9 @@ def test_shipped_defaults_rank_identical(fx, backbone):
     n = len(meta(fx, "features_blocks_0based"))
     model = build(fx, backbone, reference=False)
     pred = model(images, names)
-    scale = assert_rank_identical("zeroshot/anomaly_map (defaults)", pred.anomaly_map, fx["zeroshot/anomaly_map"])
-    assert scale == pytest.approx(n, rel=1e-5)
+    if "zeroshot/anomaly_map" not in omitted(fx):  # only the omitted comparisons are skipped
+        scale = assert_rank_identical("zeroshot/anomaly_map (defaults)", pred.anomaly_map, fx["zeroshot/anomaly_map"])
+        assert scale == pytest.approx(n, rel=1e-5)
     check(fx, "global/image_score", pred.pred_score)  # the default zero-shot image score is the reference's
     n_fs = len(meta(fx, "few_shot_blocks_0based"))
     for k in meta(fx, "ks"):
@@ -195,9 +196,10 @@ def test_shipped_defaults_rank_identical(fx, backbone):
         for i in range(images.shape[0]):  # batch by batch, as the LightningModule feeds a category
             model.accumulate(images[i : i + 1], names[i : i + 1])
         pred = model.score_accumulated()
-        ref = fx[f"fewshot/k{k}/anomaly_map_total"]
-        scale = assert_rank_identical(f"fewshot/k{k}/anomaly_map_total (defaults)", pred.anomaly_map, ref)
-        assert scale == pytest.approx(n + 2 * n_fs, rel=1e-5)
+        if f"fewshot/k{k}/anomaly_map_total" not in omitted(fx):
+            ref = fx[f"fewshot/k{k}/anomaly_map_total"]
+            scale = assert_rank_identical(f"fewshot/k{k}/anomaly_map_total (defaults)", pred.anomaly_map, ref)
+            assert scale == pytest.approx(n + 2 * n_fs, rel=1e-5)
         check(fx, f"fewshot/k{k}/image_score", pred.pred_score)
 
 

@@ -2,14 +2,25 @@
 
 Every setting (image size, taps, r values, MSM interval, RsCIN windows) is read from each fixture. Each stage is
 fed the reference's own input, so a failure points at one stage; the end-to-end and accumulate paths are checked
-on the final keys. Max deviations are collected in ``DEVIATIONS`` and printed with ``-s``.
+on the final keys. A fixture that omits a stage's input (the full-size set leaves out ``features/block*/tokens``
+and ``lnamd/*``) feeds that stage vlmad's own upstream output instead; only the omitted comparisons are skipped.
+Max deviations are collected in ``DEVIATIONS`` and printed with ``-s``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close, fixture_backbone, fixture_files, load_fixture, meta, omitted, shipped_defaults
+from reference import (
+    assert_close,
+    fixture_backbone,
+    fixture_files,
+    load_fixture,
+    meta,
+    omitted,
+    reference_or_ours,
+    shipped_defaults,
+)
 
 from vlmad.methods.musc import MuSc, interval, lnamd
 
@@ -17,6 +28,7 @@ pytestmark = pytest.mark.parity
 
 FIXTURES = fixture_files("musc")
 DEVIATIONS: dict[str, float] = {}
+_UPSTREAM: dict[int, tuple[dict, dict]] = {}  # id(fixture) -> (fixture, vlmad's own upstream outputs)
 
 
 @pytest.fixture(scope="module", params=FIXTURES, ids=[p.stem for p in FIXTURES])
@@ -53,8 +65,27 @@ def check(fx: dict, key: str, ours) -> None:
     DEVIATIONS[key] = max(DEVIATIONS.get(key, 0.0), assert_close(key, ours, fx[key]))
 
 
-def tokens(fx: dict, block: int) -> torch.Tensor:
-    return fx[f"features/block{block}/tokens"][:, 1:]  # (N, L, C) without CLS
+def upstream(fx: dict, backbone) -> dict:
+    """vlmad's own tower outputs on the fixture's images (once per fixture): block tokens and class tokens."""
+    if id(fx) not in _UPSTREAM:
+        with torch.no_grad():
+            out = backbone.encode_image(fx["inputs/images"], meta(fx, "feature_layers_0based"))
+        feats = build(fx, backbone).encode_images(fx["inputs/images"])
+        _UPSTREAM[id(fx)] = (fx, {"tokens": out.intermediates, "global": feats["global"]})
+    return _UPSTREAM[id(fx)][1]
+
+
+def tokens(fx: dict, block: int, backbone) -> torch.Tensor:
+    """(N, L, C) block tokens without CLS: the reference's, or ours where the fixture omits them."""
+    key = f"features/block{block}/tokens"
+    return reference_or_ours(fx, key, lambda: upstream(fx, backbone)["tokens"][block])[:, 1:]
+
+
+def raw_scores(fx: dict, backbone) -> torch.Tensor:
+    """(N,) raw image scores (max of the pixel map) from the upstream stages, where ``scores/raw`` is omitted."""
+    model = build(fx, backbone)
+    taps = torch.stack([tokens(fx, b, backbone) for b in meta(fx, "feature_layers_0based")], 1)
+    return model.pixel_maps(model.patch_scores(taps)).amax(dim=(1, 2))
 
 
 def test_inputs_and_settings(fx):
@@ -84,9 +115,9 @@ def test_lnamd_and_mutual_scores(fx, backbone):
     for r in meta(fx, "r_list"):
         per_block = []
         for block in meta(fx, "feature_layers_0based"):
-            check(fx, f"lnamd/r{r}/block{block}", lnamd(tokens(fx, block), r))
-            ref_in = fx.get(f"lnamd/r{r}/block{block}")
-            feats = lnamd(tokens(fx, block), r) if ref_in is None else ref_in  # omitted: our LNAMD feeds MSM
+            ours = lnamd(tokens(fx, block, backbone), r)
+            check(fx, f"lnamd/r{r}/block{block}", ours)
+            feats = reference_or_ours(fx, f"lnamd/r{r}/block{block}", ours)  # omitted: our LNAMD feeds MSM
             per_block.append(model.mutual_scores(feats))
             check(fx, f"msm/r{r}/block{block}", per_block[-1])
         check(fx, f"msm/r{r}/mean_over_layers", torch.stack(per_block).mean(0))
@@ -94,21 +125,22 @@ def test_lnamd_and_mutual_scores(fx, backbone):
 
 def test_maps_and_raw_scores(fx, backbone):
     model = build(fx, backbone)
-    taps = torch.stack([tokens(fx, b) for b in meta(fx, "feature_layers_0based")], 1)  # (N, T, L, C)
+    taps = torch.stack([tokens(fx, b, backbone) for b in meta(fx, "feature_layers_0based")], 1)  # (N, T, L, C)
     grid = model.patch_scores(taps)  # (N, L)
     g = meta(fx, "grid_side")
     check(fx, "maps/grid", grid.view(-1, g, g))
-    ref_grid = fx["maps/grid"].flatten(1)
+    ref_grid = reference_or_ours(fx, "maps/grid", grid.view(-1, g, g)).flatten(1)
     pixel = model.pixel_maps(ref_grid)
     check(fx, "maps/pixel", pixel)
-    raw = fx["maps/pixel"].amax(dim=(1, 2))
+    raw = reference_or_ours(fx, "maps/pixel", pixel).amax(dim=(1, 2))
     check(fx, "scores/raw", raw)
     check(fx, "scores/raw_minmax", (raw - raw.min()) / (raw.max() - raw.min()))
 
 
 def test_rscin(fx, backbone):
     model = build(fx, backbone)
-    emb, raw = fx["global/class_tokens"], fx["scores/raw"]
+    emb = reference_or_ours(fx, "global/class_tokens", lambda: upstream(fx, backbone)["global"])
+    raw = reference_or_ours(fx, "scores/raw", lambda: raw_scores(fx, backbone))
     check(fx, "rscin/similarity", emb @ emb.T)
     for k in meta(fx, "rscin_single_ks"):
         check(fx, f"rscin/single_k/k{k}", model.rscin(raw, emb, [k]))

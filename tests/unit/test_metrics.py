@@ -29,8 +29,9 @@ from vlmad.metrics import (
     write_csv,
 )
 
-# The method parity tests' locator ($VLMAD_REFERENCE_FIXTURES, else tests/fixtures): a folder without metrics/*.pt
-# fails collection loudly instead of leaving the parametrised parity tests silently skipped.
+# The method parity tests' locator ($VLMAD_REFERENCE_FIXTURES, else tests/fixtures): a set folder without metrics/*.pt
+# uses the shipped ones (with a warning); no fixtures anywhere fails collection loudly instead of leaving the
+# parametrised parity tests silently skipped.
 FIXTURE_FILES = fixture_files("metrics")
 CASES = ["continuous", "ties"]
 # fixture name -> AnomalyMetrics key
@@ -90,12 +91,19 @@ def test_fixtures_present():
     assert FIXTURE_FILES, "no metric fixtures"
 
 
-def test_missing_metric_fixtures_fail_instead_of_skipping(tmp_path, monkeypatch):
-    (tmp_path / "winclip").mkdir()  # a fixture folder, but without metrics/
+def test_a_set_without_metric_fixtures_uses_the_shipped_ones_and_none_anywhere_fails(tmp_path, monkeypatch):
+    import parity.reference
+
+    (tmp_path / "musc").mkdir()  # a fixture set folder (e.g. the full-size MuSc set), but without metrics/
     monkeypatch.setenv("VLMAD_REFERENCE_FIXTURES", str(tmp_path))
     spec = importlib.util.spec_from_file_location("test_metrics_elsewhere", __file__)
+    module = importlib.util.module_from_spec(spec)
+    with pytest.warns(UserWarning, match=re.escape(f"using the shipped {parity.reference.SHIPPED / 'metrics'}")):
+        spec.loader.exec_module(module)  # what collecting this file does
+    assert module.FIXTURE_FILES and all(p.parent == parity.reference.SHIPPED / "metrics" for p in module.FIXTURE_FILES)
+    monkeypatch.setattr(parity.reference, "SHIPPED", tmp_path / "nothing shipped")
     with pytest.raises(FileNotFoundError, match=re.escape(f"no *.pt fixtures in {tmp_path / 'metrics'}")):
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # what collecting this file does
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 @pytest.mark.parity
