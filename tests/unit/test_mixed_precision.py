@@ -33,7 +33,10 @@ METHODS = {
     "aprilgan_k1": (["method=aprilgan", "method.k_shot=1"], []),
     "musc": (["method=musc"], []),  # precision=fp32 keeps its encoder in fp32 even inside bf16-mixed (its spec)
     "musc_bf16": (["method=musc"], ["method.precision=bf16"]),  # MuSc's own bf16 encoder setting
-    "visualad": (["method=visualad"], []),  # the tower (with its tokens) in bf16, SCA/SAF/cosines in fp32
+    # the tower (with its tokens) in bf16, SCA/SAF/cosines in fp32. Untrained at the shipped init (0.1·W^-1/2) the two
+    # tokens are nearly equal and the maps nearly flat: ranks then follow noise (score rank correlation 0.992, image
+    # |d AUROC| 0.010, at the limits); tokens at 1·W^-1/2 give maps with contrast, as trained ones have (0.998, 0.003)
+    "visualad": (["method=visualad", "method.token_init_scale=1.0"], []),
     # DINOv2 methods on the tiny DINOv2 (56 px: 4x4 patches of 14 px)
     "anomalydino": (["method=anomalydino", *DINO], []),
     "anomalydino_masked": (["method=anomalydino", "method.masking=all", "method.mask_threshold=0.5", *DINO], []),
