@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmad.backbones.cache import FeatureCache, choose_storage
+from vlmad.data.datamodule import PADDING_KEY
 from vlmad.engine.checkpoint import check_checkpoint_fits, checkpoint_entry
 from vlmad.methods.base import AnomalyMethod, Prediction
 from vlmad.metrics import AnomalyMetrics
@@ -262,6 +263,8 @@ class AnomalyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score a batch of one category and update that category's metrics."""
+        if PADDING_KEY in batch:  # several devices: this rank has fewer categories than the busiest one
+            return
         category = batch["category"][0]  # the batch says which category and prompt name: no datamodule lookup
         if len(set(batch["category"])) != 1:
             raise ValueError(f"a test batch holds one category, got {sorted(set(batch['category']))}")
