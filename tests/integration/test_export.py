@@ -40,6 +40,7 @@ VARIANTS = {
     ],
     "aprilgan": ["method=aprilgan", "method.feature_layers=[1,3]"],
     "aprilgan_k2": ["method=aprilgan", "method.feature_layers=[1,3]", "method.k_shot=2", "method.image_fusion=fixed"],
+    "visualad": ["method=visualad", "method.feature_layers=[1,3]"],  # the learned tokens: constants of the graph
 }
 
 

@@ -238,7 +238,7 @@ class VisualAD(AnomalyMethod):
         embedded = self.backbone.embed(images)  # (B, 1 + N, W): CLS + class row, patches + their rows
         pos_cls = self.backbone.visual.positional_embedding[0].to(embedded.dtype)  # (W,)
         tokens = torch.stack([self.anomaly_token, self.normal_token]).to(embedded.dtype) + pos_cls  # (2, W)
-        return torch.cat([tokens.expand(len(images), -1, -1), embedded], dim=1)
+        return torch.cat([tokens.expand(embedded.shape[0], -1, -1), embedded], dim=1)  # no len(): traced batch axis
 
     def active_ln_post(self) -> nn.Module:
         """The trained ``ln_post`` in training (and with ``test_ln_post: trained``), else CLIP's frozen one."""
@@ -278,7 +278,7 @@ class VisualAD(AnomalyMethod):
             ``grid_map``: (B, L, g, g) cos(Q, a) - cos(Q, n) on the transformed patches, in [-2, 2].
         """
         tokens = features["tokens"]
-        batch, side = tokens.shape[0], round((tokens.shape[2] - PATCH_START) ** 0.5)
+        side = self.backbone.grid_size
         sca_a, sca_n, grids = [], [], []
         for j, block in enumerate(self.feature_layers):
             key = self.layer_key(block)
@@ -290,7 +290,7 @@ class VisualAD(AnomalyMethod):
             a_hat, n_hat = F.normalize(a, dim=-1, eps=COS_EPS), F.normalize(n, dim=-1, eps=COS_EPS)
             cos_a = F.cosine_similarity(q, a_hat[:, None], dim=-1, eps=COS_EPS)  # (B, N)
             cos_n = F.cosine_similarity(q, n_hat[:, None], dim=-1, eps=COS_EPS)
-            sca_a.append(a), sca_n.append(n), grids.append((cos_a - cos_n).reshape(batch, side, side))
+            sca_a.append(a), sca_n.append(n), grids.append((cos_a - cos_n).reshape(-1, side, side))
         stack = functools.partial(torch.stack, dim=1)
         return {"sca_anomaly": stack(sca_a), "sca_normal": stack(sca_n), "grid_map": stack(grids)}
 
