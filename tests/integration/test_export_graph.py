@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 import vlmad.deploy.export as export_module
-from vlmad.backbones import ClipBackbone
+from vlmad.backbones import ClipBackbone, DinoBackbone
 from vlmad.deploy.export import ExportError, export_graph, export_onnx
 from vlmad.methods.anomalyclip import AnomalyCLIP
+from vlmad.methods.anomalydino import AnomalyDINO
 from vlmad.methods.aprilgan import AprilGAN
 from vlmad.methods.base import AnomalyMethod, ClassView, Prediction
 from vlmad.methods.ops import min_cosine_distance
+from vlmad.methods.subspacead import SubspaceAD
 from vlmad.methods.winclip import WinCLIP
 
 TINY2 = "vlmad-tiny-d2"
@@ -33,6 +35,12 @@ METHODS = {
     "anomalyclip": lambda bb: AnomalyCLIP(bb, feature_layers=[0, 1], dpam_start=1, deep_prompt_depth=2),
     "aprilgan": lambda bb: AprilGAN(bb, feature_layers=[0, 1], prompts=PROMPTS),
     "aprilgan_k2": lambda bb: AprilGAN(bb, k_shot=2, feature_layers=[0, 1], prompts=PROMPTS, image_fusion="fixed"),
+}
+# on a 2-block tiny DINOv2 at 56 px (4x4 patches); banks chunked (several chunks, one graph for every batch size)
+DINO_METHODS = {
+    "anomalydino": lambda bb: AnomalyDINO(bb, distance_chunk=50),
+    "anomalydino_masked": lambda bb: AnomalyDINO(bb, k_shot=2, masking="all", mask_threshold=0.5, distance_chunk=50),
+    "subspacead": lambda bb: SubspaceAD(bb, aug_count=2, feature_layers=[-1, -2]),
 }
 
 
@@ -48,8 +56,21 @@ def backbone(tmp_path_factory) -> ClipBackbone:
     return ClipBackbone(TINY2, pretrained=None, image_size=64, model_config=str(path))
 
 
-def _images(n: int, seed: int) -> Tensor:
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+@pytest.fixture(scope="module")
+def dino_backbone(tmp_path_factory) -> DinoBackbone:
+    """The shipped tiny DINOv2 cut to 2 blocks, random weights (seeded), 56 px."""
+    shipped = Path(__file__).parents[2] / "vlmad" / "backbones" / "dino_configs" / "vlmad-tiny-dinov2.json"
+    config = json.loads(shipped.read_text())
+    config["kwargs"]["depth"] = 2
+    path = tmp_path_factory.mktemp("tiny_dino2") / "vlmad-tiny-dinov2-d2.json"
+    path.write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        return DinoBackbone(path.stem, model_config=str(path), image_size=56)
+
+
+def _images(n: int, seed: int, size: int = 64) -> Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def test_export_module_holds_no_graph_of_its_own():
@@ -57,20 +78,25 @@ def test_export_module_holds_no_graph_of_its_own():
     assert not [c.__name__ for c in own if issubclass(c, nn.Module)]  # no WinCLIPGraph & co.
 
 
-def _prepared(name: str, backbone: ClipBackbone) -> AnomalyMethod:
+def _prepared(name: str, backbone: ClipBackbone | DinoBackbone) -> AnomalyMethod:
     torch.manual_seed(1)
-    method = METHODS[name](backbone)
-    method.prepare("bottle", _images(method.k_shot, 2) if method.k_shot else None)
+    method = {**METHODS, **DINO_METHODS}[name](backbone)
+    n = method.k_shot
+    draw = method.reference_draw("bottle")
+    if draw is not None and draw.views is not None:  # as many images as the method's views of k references
+        n = len(draw.views([np.zeros((8, 8, 3), np.uint8)] * method.k_shot, torch.Generator()))
+    method.prepare("bottle", _images(n, 2, backbone.image_size) if method.k_shot else None)
     return method
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_export_graph_is_the_methods_own_class_view(backbone, name):
+@pytest.mark.parametrize("name", [*METHODS, *DINO_METHODS])
+def test_export_graph_is_the_methods_own_class_view(request, name):
+    backbone = request.getfixturevalue("dino_backbone" if name in DINO_METHODS else "backbone")
     method = _prepared(name, backbone)
     graph = export_graph(method, "bottle")
     assert type(graph) is ClassView and graph.method is method and not graph.training
     assert set(dict(graph.named_buffers(recurse=False))) == set(method.class_constants("bottle"))
-    images = _images(3, 3)
+    images = _images(3, 3, backbone.image_size)
     with torch.no_grad():
         ref = method(images, ["bottle"] * 3)
         scores, maps = graph(images)
@@ -143,6 +169,25 @@ def test_a_new_method_exports_through_onnxruntime_without_export_code(backbone, 
     assert float(ref.anomaly_map.std()) > 1e-4
     with pytest.raises(ExportError, match="ForwardOnly has no per-class score"):
         export_graph(ForwardOnly(backbone), "widget")
+
+
+@pytest.mark.parametrize("name", ["anomalydino_masked", "subspacead"])
+def test_dinov2_methods_export_through_onnxruntime(dino_backbone, tmp_path, name):
+    """The kNN over a chunked bank with the PCA foreground mask, and the PCA residual, trace with a dynamic batch."""
+    import onnxruntime as ort
+
+    method = _prepared(name, dino_backbone)
+    path = tmp_path / "model.onnx"
+    export_onnx(export_graph(method, "bottle"), path, 56)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = _images(3, 5, 56)
+    with torch.no_grad():
+        ref = method(images, ["bottle"] * 3)
+    for b in (1, 3):
+        scores, maps = session.run(None, {"images": images[:b].numpy()})
+        np.testing.assert_allclose(scores, ref.pred_score[:b].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(maps, ref.anomaly_map[:b].numpy(), rtol=0, atol=1e-5)
+    assert float(ref.anomaly_map.std()) > 1e-4
 
 
 def test_min_cosine_distance_chunks_over_memory_without_changing_values():

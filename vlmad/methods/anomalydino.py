@@ -124,7 +124,8 @@ def foreground_mask(
     ]
     size = centre.shape[1] * centre.shape[2]
     flip = centre.flatten(1).sum(1) <= size * keep_fraction  # (B,)
-    fg = torch.where(flip[:, None], -scores > threshold, fg).float()[:, None]  # (B, 1, L)
+    fg = torch.where(flip[:, None], (-scores > threshold).float(), fg.float())[:, None]  # (B, 1, L); float: ONNX
+    # Runtime has no bool Where
     pad = kernel // 2
     dilated = F.max_pool1d(fg, kernel, stride=1, padding=pad)  # max_pool pads with -inf: the border is ignored
     dilated = F.max_pool1d(dilated, kernel, stride=1, padding=pad)  # closing = dilate ...
