@@ -1,4 +1,4 @@
-"""Anomaly detection methods: plain torch modules on an injected ClipBackbone.
+"""Anomaly detection methods: plain torch modules on an injected backbone (ClipBackbone or DinoBackbone).
 
 Each method is imported on first use (PEP 562), so using one does not load the others.
 """
@@ -11,8 +11,10 @@ _EXPORTS = {
     "AnomalyMethod": "base",
     "Prediction": "base",
     "AnomalyCLIP": "anomalyclip",
+    "AnomalyDINO": "anomalydino",
     "AprilGAN": "aprilgan",
     "MuSc": "musc",
+    "SubspaceAD": "subspacead",
     "WinCLIP": "winclip",
 }
 
