@@ -354,7 +354,7 @@ def test_predict_with_an_export_never_imports_torch_and_names_its_folder(export_
 
 
 def test_export_writes_only_its_own_folder_and_a_failed_export_changes_nothing(
-    tmp_path, tiny4, synthetic_roots, monkeypatch
+    export_variant, tmp_path, tiny4, synthetic_roots, monkeypatch
 ):
     import lightning as L
 
@@ -362,44 +362,38 @@ def test_export_writes_only_its_own_folder_and_a_failed_export_changes_nothing(
     from vlmad.engine.module import AnomalyModule
 
     good = synthetic_roots["mvtec"] / "bottle_syn" / "train" / "good"
-    base = [
-        *_overrides(tiny4, good, "winclip"),
-        f"threshold.calibration.dir={good}",
-        "threshold.calibration.quantile=0.5",
-    ]
+    base = _overrides(tiny4, good, "winclip")
     training = tmp_path / "training_run"  # a checkpoint in a training run's folder
     training.mkdir()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.strategy.connect(AnomalyModule(build_method(compose("export", base, tmp_path / "c"))[0]))
     trainer.save_checkpoint(training / "last.ckpt")
     target = tmp_path / "exports" / "bottle"
-    ckpt = f"ckpt_path={training / 'last.ckpt'}"
-    cfg = compose("export", [*base, ckpt, "format=both", f"output_dir={target}"], tmp_path / "r")
+    shutil.copytree(export_variant("winclip")[1], target)  # an earlier export there: ONNX + OpenVINO
+    calibrate = [f"threshold.calibration.dir={good}", "threshold.calibration.quantile=0.5"]
+    cfg = compose(
+        "export", [*base, *calibrate, f"ckpt_path={training / 'last.ckpt'}", f"output_dir={target}"], tmp_path / "r"
+    )
     assert export(cfg) == target
     assert [p.name for p in training.iterdir()] == ["last.ckpt"]  # no last.ckpt.threshold.json beside it
-    assert sorted(p.name for p in target.iterdir()) == ["model.bin", "model.onnx", "model.xml", "vlmad_model.json"]
+    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "vlmad_model.json"]  # replaced whole
     assert [p.name for p in target.parent.iterdir()] == ["bottle"]  # no staging folder left
-    before = {p.name: p.read_bytes() for p in target.iterdir()}
     info = deploy.read_manifest(target)
     assert info["sha256"]["model.onnx"] == deploy.sha256_file(target / "model.onnx")
     assert info["thresholds"]["quantile"] == 0.5
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    def disk_full(*args, **kwargs):
+    def disk_full(graph, path, *args):  # half a model file written, then the disk is full
+        Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ex, "export_openvino", disk_full)  # fails half-way, after the ONNX file
-    cfg = compose("export", [*base, "format=both", f"output_dir={target}"], tmp_path / "r2")
+    monkeypatch.setattr(ex, "export_onnx", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        export(cfg)
+        export(compose("export", [*base, "format=both", f"output_dir={target}"], tmp_path / "r2"))
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the earlier export, untouched
     assert [p.name for p in target.parent.iterdir()] == ["bottle"]
-    deploy.load(target, "openvino")  # and still loads
+    deploy.load(target)  # and still loads
 
-    export(compose("export", [*base, "format=onnx", f"output_dir={target}"], tmp_path / "r2b"))  # replaces it whole
-    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", "vlmad_model.json"]  # no stale model.xml
-    assert [p.name for p in target.parent.iterdir()] == ["bottle"]
-
-    monkeypatch.setattr(ex, "export_onnx", disk_full)
     fresh = tmp_path / "new" / "deeper" / "bottle"
     with pytest.raises(OSError, match="No space left"):
         export(compose("export", [*base, f"output_dir={fresh}"], tmp_path / "r3"))
