@@ -50,6 +50,11 @@ def tiny_backbone():
 @pytest.fixture
 def make_cfg(tmp_path, synthetic_roots):
     """make_cfg(config_name, *overrides): the real config with the tiny backbone and the generated data."""
+    return cfg_maker(tmp_path, synthetic_roots)
+
+
+def cfg_maker(tmp_path: Path, synthetic_roots: dict[str, Path]):
+    """``make_cfg`` writing under ``tmp_path``: module-scoped fixtures share one run across tests with it."""
 
     def _make(config_name: str, *overrides: str):
         base = [

@@ -16,15 +16,31 @@ def _learned(objects) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in objects["method"].learned_state().items()}
 
 
+@pytest.fixture(scope="module")
+def anomalyclip_one_epoch(synthetic_roots, tmp_path_factory) -> tuple:
+    """One 1-epoch AnomalyCLIP fit and its test, shared by the reload, refusal and resume tests (cfg, results, objects).
+
+    Its checkpoint is what a 1-epoch fit with ``test_after_fit=false`` writes too (testing changes no learned tensor).
+    """
+    from conftest import cfg_maker
+
+    make = cfg_maker(tmp_path_factory.mktemp("anomalyclip_one_epoch"), synthetic_roots)
+    cfg = make("train", "method=anomalyclip", "trainer.max_epochs=1")
+    return (cfg, *train(cfg))
+
+
 @pytest.mark.parametrize("method", ["anomalyclip", "aprilgan"])
-def test_train_then_evaluate_from_checkpoint(make_cfg, method, caplog):
-    cfg = make_cfg("train", f"method={method}", "trainer.max_epochs=1")
-    with caplog.at_level(logging.INFO, logger="vlmad.engine.module"):
-        results, objects = train(cfg)
-    # a run is not silent: one line per epoch (losses) and per tested category (images, seconds)
-    assert re.search(r"epoch 1/1: loss \d+\.\d{4}.*\(\d+ images, \d+\.\d s\)", caplog.text), caplog.text
-    for category in objects["datamodule"].test_categories:
-        assert re.search(rf"{category}: 4 images in \d+\.\d s", caplog.text)
+def test_train_then_evaluate_from_checkpoint(make_cfg, method, caplog, request):
+    if method == "anomalyclip":
+        cfg, results, objects = request.getfixturevalue("anomalyclip_one_epoch")
+    else:
+        cfg = make_cfg("train", f"method={method}", "trainer.max_epochs=1")
+        with caplog.at_level(logging.INFO, logger="vlmad.engine.module"):
+            results, objects = train(cfg)
+        # a run is not silent: one line per epoch (losses) and per tested category (images, seconds)
+        assert re.search(r"epoch 1/1: loss \d+\.\d{4}.*\(\d+ images, \d+\.\d s\)", caplog.text), caplog.text
+        for category in objects["datamodule"].test_categories:
+            assert re.search(rf"{category}: 4 images in \d+\.\d s", caplog.text)
     assert set(results) == {*objects["datamodule"].test_categories, "mean"}
     ckpt = objects["module"].output_dir / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -41,11 +57,10 @@ def test_train_then_evaluate_from_checkpoint(make_cfg, method, caplog):
     assert eval_results["mean"]["pixel_auroc"] == pytest.approx(results["mean"]["pixel_auroc"], abs=1e-6)
 
 
-def test_resume_reaches_the_uninterrupted_result(make_cfg):
+def test_resume_reaches_the_uninterrupted_result(make_cfg, anomalyclip_one_epoch):
     full = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=2", "test_after_fit=false")
     _, full_objects = train(full)
-    first = make_cfg("train", "method=anomalyclip", "trainer.max_epochs=1", "test_after_fit=false")
-    _, first_objects = train(first)
+    _, _, first_objects = anomalyclip_one_epoch  # the same fit's first epoch, stopped there
     last = first_objects["module"].output_dir / "checkpoints" / "last.ckpt"
     resumed = make_cfg(
         "train", "method=anomalyclip", "trainer.max_epochs=2", "test_after_fit=false", f"ckpt_path={last}"
@@ -57,8 +72,8 @@ def test_resume_reaches_the_uninterrupted_result(make_cfg):
         torch.testing.assert_close(_learned(resumed_objects)[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg):
-    _, objects = train(make_cfg("train", "method=anomalyclip", "trainer.max_epochs=1", "test_after_fit=false"))
+def test_checkpoint_for_another_prompt_shape_is_refused(make_cfg, anomalyclip_one_epoch):
+    _, _, objects = anomalyclip_one_epoch
     ckpt = objects["module"].output_dir / "checkpoints" / "last.ckpt"
     with pytest.raises(CheckpointMismatchError, match="n_ctx"):
         evaluate(make_cfg("evaluate", "method=anomalyclip", "method.n_ctx=8", f"ckpt_path={ckpt}"))
