@@ -27,11 +27,11 @@ how, _, target = os.environ.get("VLMAD_TEST_FAULT", ":").partition(":")
 original = AnomalyModule._open_category
 
 def _open_category(self, category, class_name):
+    if category == target and how == "raise":
+        raise RuntimeError(f"injected failure in {category}")
+    original(self, category, class_name)  # closes (and writes) the previous category
     if category == target and how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if category == target:
-        raise RuntimeError(f"injected failure in {category}")
-    return original(self, category, class_name)
 
 AnomalyModule._open_category = _open_category
 import hydra
