@@ -14,7 +14,9 @@ a worker SIGKILLed and SIGTERM mid-load, vlmad.bench.serve), ``int8`` (INT8 / fp
 ``export`` (each method at its paper backbone: CPU images/s in torch, ONNX Runtime and
 OpenVINO side by side, vlmad.bench.export), ``dino_fewshot`` (AnomalyDINO at 448 px on ViT-S/14, SubspaceAD at
 672 px on ViT-g/14-reg4: s/image against the bare DINOv2 pass, and the reference set-up (views, PCA / memory bank)
-for k = 1, 2, 4; on a CPU ViT-g runs with 1 reference and 2 rotations per pass, the rest as the paper).
+for k = 1, 2, 4; on a CPU ViT-g runs with 1 reference and 2 rotations per pass, the rest as the paper),
+``visualad`` (ViT-L-14-336-quickgelu at 518 px: s/image against a bare encode_image; one training epoch of 8 images
+against AnomalyCLIP's uncached epoch, vlmad.bench.visualad).
 ``gpu_check`` (not in the default run: ``make gpu-check``) is
 vlmad.bench.gpu_check.
 Random weights cost exactly what trained weights cost; no quality is measured here.
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             "pipeline",
             "export",
             "dino_fewshot",
+            "visualad",
             "serve",
             "int8",
         ],
@@ -122,10 +125,15 @@ def main(argv: list[str] | None = None) -> None:
                 rows = bench.run(device="cuda")
             else:  # ViT-g at 672 px is minutes per image on a CPU: one reference, 2 rotations per PCA pass
                 rows = [*bench.run(("anomalydino",)), *bench.run(("subspacead",), ks=(1,), n_images=1, aug_count=2)]
+        elif section == "visualad":
+            from vlmad.bench import visualad as bench
+
+            quick = {"image_size": 64, "backbone_name": "vlmad-tiny", "training_backbone": "tiny", "n_train": 4}
+            rows = bench.run(**quick) if args.quick else bench.run()
         else:
             raise SystemExit(
                 f"unknown section {section!r} "
-                "(winclip, anomalyclip, training, calibration, sweep, musc, pipeline, export, dino_fewshot)"
+                "(winclip, anomalyclip, training, calibration, sweep, musc, pipeline, export, dino_fewshot, visualad)"
             )
         done[section] = rows
         print(f"\n== {section} ({time.perf_counter() - start:.0f} s) ==\n{bench.format_rows(rows)}", flush=True)

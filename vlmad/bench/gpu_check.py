@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("winclip", "anomalyclip", "aprilgan", "musc", "anomalydino", "subspacead")
+METHODS = ("winclip", "anomalyclip", "aprilgan", "musc", "visualad", "anomalydino", "subspacead")
 TINY = {"clip": ("tiny", 64), "dinov2": ("tiny_dinov2", 56)}  # smoke backbone per family (patch 16 / 14)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMOKE = {"batch": 6, "image_size": 64, "warmup": 0, "repeats": 1}  # MuSc scores a set: >= 5 images
