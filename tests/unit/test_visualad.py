@@ -220,3 +220,12 @@ def test_config_epochs_and_optimizer_follow_the_official_scripts(tmp_path, data,
     assert cfg.trainer.max_epochs == epochs and cfg.module.scheduler.T_max == epochs
     assert cfg.module.optimizer._target_ == "torch.optim.AdamW" and cfg.module.optimizer.weight_decay == 0.01
     assert cfg.backbone.pos_embed_interpolation == "bilinear"  # the reference's in-forward resize
+
+
+def test_bench_inference_smoke():
+    from vlmad.bench.visualad import default_layers, format_rows, inference
+
+    assert default_layers(24) == LAYERS  # the reference's taps on ViT-L
+    row = {"section": "inference", **inference(image_size=32, n_images=1, backbone_name="vlmad-tiny")}
+    assert row["clip_s"] > 0 and row["visualad_s"] > 0 and row["ratio"] == row["visualad_s"] / row["clip_s"]
+    assert "RANDOM weights" in format_rows([row])
