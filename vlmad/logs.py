@@ -57,7 +57,9 @@ def format_warning(
     message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
 ) -> str:
     """``vlmad/backbones/clip.py:252: UserWarning: ...``: one line, no install path, no echoed source line."""
-    return f"{short_path(filename)}:{lineno}: {category.__name__}: {message}\n"
+    text = f"{short_path(filename)}:{lineno}: {category.__name__}: {message}"
+    logged = getattr(warnings.showwarning, "__module__", "") == "logging"  # captureWarnings: the handler ends lines
+    return text if logged else text + "\n"
 
 
 def quiet() -> None:
