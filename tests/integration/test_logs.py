@@ -88,9 +88,11 @@ def test_known_noise_is_dropped_and_warnings_name_the_package_path():
     assert not logging.getLogger("lightning.fabric.utilities.distributed").isEnabledFor(logging.INFO)
 
 
-def test_progress_bar_only_on_a_terminal(tmp_path):
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
     cfg = compose("evaluate", ["backbone=tiny"], tmp_path)
     assert cfg.trainer.enable_progress_bar is False  # pytest captures stdout: not a terminal
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert compose("train", ["backbone=tiny"], tmp_path).trainer.enable_progress_bar is True  # a terminal: a bar
 
 
 @pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
