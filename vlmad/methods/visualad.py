@@ -49,7 +49,12 @@ class SpatialCrossAttention(nn.Module):
     """
 
     def __init__(
-        self, width: int, num_anchors: int = 4, max_patches: int = 1536, dropout: float = 0.1, res_scale_init=0.01
+        self,
+        width: int,
+        num_anchors: int = 4,
+        max_patches: int = 1536,
+        dropout: float = 0.1,
+        res_scale_init: float = 0.01,
     ) -> None:
         super().__init__()
         self.anchor_queries = nn.Parameter(0.02 * torch.randn(num_anchors, width))
@@ -67,25 +72,33 @@ class SpatialCrossAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, token: Tensor, patches: Tensor) -> Tensor:
-        """Layer token ``t + res_scale * out``.
+    def forward(self, patches: Tensor, *tokens: Tensor) -> tuple[Tensor, ...]:
+        """Layer tokens ``t + res_scale * out`` of each given token.
+
+        The attention over the patches does not depend on the token (only the gate does), so it is computed once
+        for all tokens (the reference calls the module once per token: the same values); with dropout active each
+        token draws its own masks, in the reference's order (attention then output, token by token).
 
         Args:
-            token: (B, C) final-layer anomaly or normal token.
             patches: (B, N, C) the layer's patch tokens after ``ln_post`` (untransformed).
+            tokens: (B, C) final-layer tokens (anomaly, normal).
 
         Returns:
-            (B, C).
+            one (B, C) layer token per input token.
         """
         n = patches.shape[1]
         queries = self.q_norm(self.q_proj(self.anchor_queries))  # (A, C)
         keys = self.k_norm(self.k_proj(patches + self.pos_encoding[:, :n]))  # (B, N, C)
         values = self.v_proj(patches)  # (B, N, C)
         attn = (queries @ keys.transpose(1, 2) * keys.shape[-1] ** -0.5).softmax(dim=-1)  # (B, A, N)
-        agg = self.dropout(attn) @ values  # (B, A, C)
-        gates = self.gate(token)  # (B, A)
-        out = self.dropout(self.out_proj((gates.unsqueeze(-1) * agg).sum(dim=1)))  # (B, C)
-        return token + self.res_scale * out
+        shared = None if self.training and self.dropout.p > 0 else attn @ values  # (B, A, C) when dropout is off
+        out = []
+        for token in tokens:
+            agg = self.dropout(attn) @ values if shared is None else shared  # (B, A, C)
+            gates = self.gate(token)  # (B, A)
+            mixed = self.dropout(self.out_proj((gates.unsqueeze(-1) * agg).sum(dim=1)))  # (B, C)
+            out.append(token + self.res_scale * mixed)
+        return tuple(out)
 
 
 class FeatureTransform(nn.Module):
@@ -284,8 +297,7 @@ class VisualAD(AnomalyMethod):
             key = self.layer_key(block)
             layer = tokens[:, j]  # (B, 3 + N, W)
             patches = layer[:, PATCH_START:]  # SCA reads the untransformed patches
-            sca = self.cross_attn.layer_attentions[key]
-            a, n = sca(features["anomaly"], patches), sca(features["normal"], patches)  # anomaly first (dropout)
+            a, n = self.cross_attn.layer_attentions[key](patches, features["anomaly"], features["normal"])
             q = self.layer_transforms[key](layer)[:, PATCH_START:]  # (B, N, W); the 3 leading outputs dropped
             a_hat, n_hat = F.normalize(a, dim=-1, eps=COS_EPS), F.normalize(n, dim=-1, eps=COS_EPS)
             cos_a = F.cosine_similarity(q, a_hat[:, None], dim=-1, eps=COS_EPS)  # (B, N)
