@@ -395,3 +395,16 @@ def test_preprocess_torchvision_resize():
 
 def test_clip_backbone_family(tiny_backbone):
     assert isinstance(tiny_backbone, ClipBackbone) and tiny_backbone.family == "clip"
+
+
+def test_anomalydino_low_precision_distances(dino):
+    model = prepared_adino(dino)
+    x = images(2, seed=3)
+    with torch.no_grad():
+        full = model(x, ["a", "a"])
+        model.distance_dtype = "bf16"
+        half = model(x, ["a", "a"])
+    assert half.anomaly_map.dtype == torch.float32 and not torch.equal(half.anomaly_map, full.anomaly_map)
+    torch.testing.assert_close(half.anomaly_map, full.anomaly_map, atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="distance_dtype"):
+        AnomalyDINO(dino, distance_dtype="int8")
