@@ -301,7 +301,7 @@ def format_report(report: dict) -> str:
             f"{d['method']} {d['backbone']} {d['size']} px, k={d['k']} ({d['views']} views): "
             f"set-up {d['setup_s']:.2f} s; "
             f"s/img bare {d['bare_s']:.4f}, encode {d['encode_s']:.4f}, forward {d['forward_s']:.4f} "
-            f"(scoring {100 * d['overhead']:.1f} % of the bare pass)"
+            f"(scoring alone {d['score_s']:.4f}: {100 * d['overhead']:.1f} % of the bare pass)"
         )
     e = report["end_to_end"]
     lines.append(
