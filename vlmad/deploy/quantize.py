@@ -208,7 +208,13 @@ def quantize_export(cfg: DictConfig, folder: Path, info: dict[str, Any], fp32_xm
         subset_size=min(int(q.subset_size), len(calib_batches)),
         ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
         fast_bias_correction=True,
-        advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=not q.bias_correction),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            disable_bias_correction=not q.bias_correction,
+            # SmoothQuant (on by default for transformers); matmul alpha -1 turns it off
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters()
+            if q.get("smooth_quant", True)
+            else nncf.AdvancedSmoothQuantParameters(matmul=-1),
+        ),
     )
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     fp32_c = core.compile_model(model, "CPU", config)
@@ -218,6 +224,7 @@ def quantize_export(cfg: DictConfig, folder: Path, info: dict[str, Any], fp32_xm
         "model_type": "transformer",
         "preset": "mixed (NNCF default for transformers)",
         "bias_correction": bool(q.bias_correction),
+        "smooth_quant": bool(q.get("smooth_quant", True)),
         "calibration": {"images": len(calib), "source": str(calib[0].parent.resolve())},
         "ignored_scope": {
             "rule": "map head: nodes between anomaly_map and the last layer norm (MVN) of each path",
