@@ -23,6 +23,7 @@ from vlmad.methods.aprilgan import AprilGAN
 from vlmad.methods.base import AnomalyMethod, ClassView, Prediction
 from vlmad.methods.ops import min_cosine_distance
 from vlmad.methods.subspacead import SubspaceAD
+from vlmad.methods.visualad import VisualAD
 from vlmad.methods.winclip import WinCLIP
 
 TINY2 = "vlmad-tiny-d2"
@@ -35,6 +36,7 @@ METHODS = {
     "anomalyclip": lambda bb: AnomalyCLIP(bb, feature_layers=[0, 1], dpam_start=1, deep_prompt_depth=2),
     "aprilgan": lambda bb: AprilGAN(bb, feature_layers=[0, 1], prompts=PROMPTS),
     "aprilgan_k2": lambda bb: AprilGAN(bb, k_shot=2, feature_layers=[0, 1], prompts=PROMPTS, image_fusion="fixed"),
+    "visualad": lambda bb: VisualAD(bb, feature_layers=[0, 1]),  # class-agnostic: no constants, tokens are weights
 }
 # on a 2-block tiny DINOv2 at 56 px (4x4 patches); banks chunked (several chunks, one graph for every batch size)
 DINO_METHODS = {
