@@ -10,6 +10,8 @@ import open_clip
 import pytest
 import torch
 
+from vlmad.errors import ConfigError
+
 from vlmad.backbones import ClipBackbone
 
 
@@ -136,8 +138,9 @@ def test_local_file_logs_what_was_loaded_not_random_init(tmp_path, backbone, cap
 def test_unreadable_weights_file_names_the_file(tmp_path):
     path = tmp_path / "broken.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match=f"could not load weights file {path}"):
+    with pytest.raises(ConfigError, match=rf"{path} is not a weights file") as err:
         ClipBackbone("vlmad-tiny", pretrained=str(path))
+    assert "weights_only" not in str(err.value)  # no torch advice to unpickle an untrusted file
 
 
 def _seeded(**kwargs) -> ClipBackbone:

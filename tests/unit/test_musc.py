@@ -162,9 +162,9 @@ def test_module_scores_each_category_once_with_the_protocol_label(six_image_root
     assert not math.isnan(results["bottle_syn"]["image_auroc"])
 
 
-def test_module_refuses_a_category_of_four(make_cfg):
+def test_data_check_refuses_a_category_of_four(make_cfg):
     cfg = make_cfg("evaluate", "method=musc", "method.feature_layers=[1]", "method.r_list=[1]")
-    with pytest.raises(ValueError, match=r"test category 'carpet_syn'.* has 4 test images"):
+    with pytest.raises(ValueError, match=r"carpet_syn/test: 4 test images of 'carpet_syn'.*needs at least 5"):
         evaluate(cfg)
 
 
