@@ -183,8 +183,8 @@ def test_report_is_logged_from_memory(tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from vlmad.outputs import loggers
     from vlmad.metrics.names import METRIC_NAMES
+    from vlmad.outputs import loggers
 
     class FakeRun:
         tags = ()

@@ -10,9 +10,8 @@ import open_clip
 import pytest
 import torch
 
-from vlmad.errors import ConfigError
-
 from vlmad.backbones import ClipBackbone
+from vlmad.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
