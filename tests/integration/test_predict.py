@@ -255,3 +255,28 @@ def test_transductive_settings_are_refused_with_the_per_image_alternative(tmp_pa
     fixed = [*aprilgan, "method.image_fusion=fixed", "threshold.value=0.5"]
     rows, _ = _run(tmp_path, "f", *fixed, f"input={bottle / 'test' / 'good'}")
     assert len(rows) == 2 and all(0 <= r["score"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["anomalydino", "subspacead"])
+def test_dino_few_shot_predict_uses_the_methods_reference_views(tmp_path, bottle, method, monkeypatch):
+    """predict prepares AnomalyDINO / SubspaceAD with the rotated views their reference_draw asks for."""
+    import importlib
+
+    module = importlib.import_module(f"vlmad.methods.{method}")
+    cls = next(v for k, v in vars(module).items() if k.lower() == method)
+    shapes = []
+    prepare = cls.prepare
+
+    def spy(self, class_name, reference_images=None):
+        shapes.append(None if reference_images is None else tuple(reference_images.shape))
+        return prepare(self, class_name, reference_images)
+
+    monkeypatch.setattr(cls, "prepare", spy)
+    normal = bottle / "train" / "good"
+    overrides = [f"method={method}", "backbone=tiny_dinov2", "backbone.image_size=56", "method.k_shot=1"]
+    out = tmp_path / method
+    common = ["batch_size=2", "device=cpu", "class_name=bottle", f"references={normal}", "threshold.value=0.5"]
+    rows = predict(compose("predict", [*overrides, *common, f"input={bottle / 'test' / 'good'}"], out))
+    assert shapes and shapes[0] is not None and shapes[0][0] > 1  # k=1 reference expanded into its views
+    assert len(rows) == 2 and all(0.0 <= float(r["image_score"]) <= 1.0 for r in rows)
+    assert (out / "references.txt").read_text().split() == [str(sorted(normal.glob("*.png"))[0])]

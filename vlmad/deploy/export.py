@@ -260,7 +260,7 @@ def export(cfg: DictConfig) -> Path:
         export_graph(method, cfg.class_name)  # raises the explanation before any reference is read
     references, ref_paths = None, []
     if method.k_shot > 0:
-        references, ref_paths = load_references(cfg, preprocess)
+        references, ref_paths = load_references(cfg, preprocess, method.reference_draw(cfg.class_name))
     method.prepare(cfg.class_name, None if references is None else references.to(method.backbone.device))
     threshold = _threshold(cfg, method, preprocess, ref_paths)
     graph = export_graph(method, cfg.class_name)

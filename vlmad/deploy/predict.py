@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the torch backend imports torch where it is used: the expor
     from torch import Tensor
 
     from vlmad.data import Preprocess
+    from vlmad.data.references import ReferenceDraw
     from vlmad.methods.base import AnomalyMethod
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,15 @@ def load_batches(
         yield [p for p, _ in batch], [(image.height, image.width) for _, image in batch], images
 
 
-def load_references(cfg: DictConfig, preprocess: Preprocess) -> tuple[Tensor, list[Path]]:
-    """The k normal reference images of a few-shot method from ``cfg.references`` (first k, or a seeded draw)."""
+def load_references(
+    cfg: DictConfig, preprocess: Preprocess, draw: ReferenceDraw | None = None
+) -> tuple[Tensor, list[Path]]:
+    """The k normal reference images of a few-shot method from ``cfg.references`` (first k, or a seeded draw).
+
+    ``draw`` is the method's :meth:`~vlmad.methods.base.AnomalyMethod.reference_draw`: when it asks for views
+    (AnomalyDINO's and SubspaceAD's rotated copies), they are made from the originals at their own resolution,
+    as evaluation makes them, and each is preprocessed like a test image.
+    """
     import torch
 
     k = int(cfg.method.get("k_shot", 0))
@@ -133,6 +141,11 @@ def load_references(cfg: DictConfig, preprocess: Preprocess) -> tuple[Tensor, li
         images.append(batch)
     if len(chosen) < k:
         raise PredictError(f"method.k_shot={k} but only {len(chosen)} readable images in {cfg.references}")
+    if draw is not None and draw.views is not None:
+        generator = torch.Generator().manual_seed(int(cfg.get("reference_seed") or 0))
+        originals = [np.asarray(runtime.load_image(p)) for p in chosen]
+        views = draw.views(originals, generator)
+        return torch.stack([preprocess(Image.fromarray(v), None)[0] for v in views]), chosen
     return torch.cat(images), chosen
 
 
@@ -298,7 +311,7 @@ def _torch_scorer(cfg: DictConfig, out: Path) -> Scorer:
     device = next(method.parameters()).device
     references, ref_paths = None, []
     if method.k_shot > 0:
-        references, ref_paths = load_references(cfg, preprocess)
+        references, ref_paths = load_references(cfg, preprocess, method.reference_draw(cfg.class_name))
         references = references.to(device)
         (out / "references.txt").write_text("".join(f"{p}\n" for p in ref_paths))
     method.prepare(cfg.class_name, references)

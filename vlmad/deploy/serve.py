@@ -259,7 +259,7 @@ class _TorchRunner:
         method, preprocess = build_method(conf)
         refs, ref_paths = None, []
         if method.k_shot > 0:
-            refs, ref_paths = load_references(conf, preprocess)
+            refs, ref_paths = load_references(conf, preprocess, method.reference_draw(conf.class_name))
         method.prepare(conf.class_name, None if refs is None else refs.to(next(method.parameters()).device))
         t = conf.threshold
         given = t.value is not None or t.file is not None or t.calibration.dir is not None
