@@ -14,7 +14,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import SYNTHETIC
+from testlib import SYNTHETIC
 
 import vlmad
 from vlmad.cli import main as cli_main

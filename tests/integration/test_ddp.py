@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SYNTHETIC, SYNTHETIC_CATEGORIES
+from testlib import SYNTHETIC, SYNTHETIC_CATEGORIES
 
 from vlmad.config import CONF_DIR
 from vlmad.metrics.table import read_csv

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC
 from hydra.utils import get_class
 from omegaconf import OmegaConf
+from testlib import SYNTHETIC
 
 from vlmad.config import CONF_DIR, compose
 from vlmad.engine import compare

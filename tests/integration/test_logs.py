@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SYNTHETIC
+from testlib import SYNTHETIC
 
 from vlmad.config import CONF_DIR, compose, job_dirname
 from vlmad.errors import ConfigError

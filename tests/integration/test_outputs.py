@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC, SYNTHETIC_CATEGORIES
 from PIL import Image
+from testlib import SYNTHETIC, SYNTHETIC_CATEGORIES
 
 from vlmad.config import compose
 from vlmad.engine.run import evaluate

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testlib import SYNTHETIC, SYNTHETIC_CATEGORIES
 
 from vlmad.config import CONF_DIR
 
@@ -60,8 +61,6 @@ def test_a_signal_during_evaluation_exits_128_plus_signal_and_records_it(
 
 def test_sigterm_through_the_entry_point_exits_143(synthetic_roots, tmp_path):
     """The whole path (Hydra, the task wrappers): exit status 143, not 0."""
-    from conftest import SYNTHETIC, SYNTHETIC_CATEGORIES
-
     entry = tmp_path / "sigterm_evaluate.py"
     entry.write_text(
         "import os, signal\n"

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SYNTHETIC
+from testlib import SYNTHETIC
 
 from vlmad.config import CONF_DIR
 from vlmad.metrics.table import read_csv

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from testlib import cfg_maker
 
 from vlmad.engine.checkpoint import CheckpointMismatchError
 from vlmad.engine.run import evaluate, train
@@ -22,8 +23,6 @@ def anomalyclip_one_epoch(synthetic_roots, tmp_path_factory) -> tuple:
 
     Its checkpoint is what a 1-epoch fit with ``test_after_fit=false`` writes too (testing changes no learned tensor).
     """
-    from conftest import cfg_maker
-
     make = cfg_maker(tmp_path_factory.mktemp("anomalyclip_one_epoch"), synthetic_roots)
     cfg = make("train", "method=anomalyclip", "trainer.max_epochs=1")
     return (cfg, *train(cfg))

@@ -98,7 +98,8 @@ def test_comparisons_run_from_their_own_entry_point(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"vlmad compare"):
         train(make_cfg("train", "experiment=comparison"))
     cfg = compare.compose_comparison(["backbone=tiny", f"paths.output_dir={tmp_path / 'cmp'}"])
-    assert set(cfg.comparison.members) == {"winclip", "anomalyclip", "aprilgan", "musc"}
+    members = {"winclip", "anomalyclip", "aprilgan", "musc", "visualad", "anomalydino", "subspacead"}
+    assert set(cfg.comparison.members) == members  # every method of the README's table
     assert cfg.paths.output_dir == str(tmp_path / "cmp")
     with pytest.raises(ConfigError, match="no `comparison` node"):
         compare.compose_comparison(["experiment=smoke"])
