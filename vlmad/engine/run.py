@@ -29,8 +29,7 @@ from vlmad.outputs.report import run_info, write_run_json
 log = logging.getLogger(__name__)
 
 COMPARISON_HINT = (
-    "a comparison runs several methods: `vlmad compare experiment=<comparison|demo> ...` "
-    "({script} runs one method)"
+    "a comparison runs several methods: `vlmad compare experiment=<comparison|demo> ...` ({script} runs one method)"
 )
 
 
