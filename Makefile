@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# pytest-xdist workers: the suite sets torch to 1 thread per process, so one worker per core; whole files go to one
+# worker (--dist loadfile) so a module's shared set-up (an export, a server, a DDP reference run) is built once
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadfile
 
 .PHONY: help install test test-fast test-all parity lint format demo bench gpu-check smoke train evaluate report wheel clean
 
@@ -20,13 +24,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install vlmad with dev extras (first use only)
 
 test: $(STAMP) ## fast test suite (no network, no real weights), incl. parity with the reference fixtures
-	$(BIN)/python -m pytest -m "not slow and not gpu and not weights" $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not gpu and not weights" $(ARGS)
 
 test-fast: $(STAMP) ## the inner loop while editing: unit + parity tests only (no end-to-end runs; target <= 90 s)
-	$(BIN)/python -m pytest tests/unit tests/parity -m "not slow and not gpu and not weights" -q $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) tests/unit tests/parity -m "not slow and not gpu and not weights" -q $(ARGS)
 
 test-all: $(STAMP) ## every test that can run here (incl. slow)
-	$(BIN)/python -m pytest -m "not gpu and not weights" $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not gpu and not weights" $(ARGS)
 
 parity: $(STAMP) ## only the parity tests (VLMAD_REFERENCE_FIXTURES=DIR points them at another fixture set)
 	$(BIN)/python -m pytest -m parity $(ARGS)

@@ -25,6 +25,15 @@ def _data(node: str, layout: str, root) -> list[str]:
     return [f"{node}.root={root}", f"{node}.categories=[{cats}]", *(f"{node}.{k}={v}" for k, v in SYNTHETIC.items())]
 
 
+def _one_device(config_name: str, out, *overrides: str) -> None:
+    """The 1-device reference, in this process (a subprocess would pay the ~12 s import of the stack again)."""
+    from vlmad.config import compose
+    from vlmad.engine.run import evaluate, train
+
+    run = train if config_name == "train" else evaluate
+    run(compose(config_name, [*COMMON, *overrides], out))
+
+
 def _run(script: str, out, *overrides: str) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, script, *COMMON, *overrides, f"hydra.run.dir={out}"]
@@ -35,7 +44,7 @@ def _run(script: str, out, *overrides: str) -> None:
 def test_evaluation_on_two_processes_equals_one(synthetic_roots, tmp_path):
     """Whole categories per rank, gathered to rank 0: the same metrics.csv, every category's heatmaps."""
     data = ["method=winclip", "method.k_shot=1", "data=synthetic", *_data("data", "mvtec", synthetic_roots["mvtec"])]
-    _run("evaluate.py", tmp_path / "one", *data)
+    _one_device("evaluate", tmp_path / "one", *data)
     _run("evaluate.py", tmp_path / "two", *data, *DDP)
     one, two = read_csv(tmp_path / "one" / "metrics.csv"), read_csv(tmp_path / "two" / "metrics.csv")
     assert list(two) == list(one) == [*SYNTHETIC_CATEGORIES["mvtec"], "mean"]
@@ -53,7 +62,7 @@ def test_training_on_two_processes_equals_one_at_the_same_global_batch(synthetic
     fit = ["method=anomalyclip", "method.feature_layers=[5,11]", "trainer.max_epochs=1", "test_after_fit=false"]
     fit += ["data=synthetic_visa", *_data("data", "visa", synthetic_roots["visa"])]
     fit += ["test_data=synthetic", *_data("test_data", "mvtec", synthetic_roots["mvtec"])]
-    _run("train.py", tmp_path / "one", *fit, "datamodule.batch_size=4")
+    _one_device("train", tmp_path / "one", *fit, "datamodule.batch_size=4")
     _run("train.py", tmp_path / "two", *fit, "datamodule.batch_size=2", *DDP)
     ckpts = [torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=False) for d in ("one", "two")]
     states = [c["state_dict"] for c in ckpts]
