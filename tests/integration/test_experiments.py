@@ -221,3 +221,24 @@ def test_side_by_side_table_has_a_paper_row():
     assert list(table) == ["a", "mean", "mean (paper)"]
     assert table["mean"] == {"image_auroc/WinCLIP": 0.5, "image_auroc/AnomalyCLIP": 0.7}
     assert table["mean (paper)"] == pytest.approx({"image_auroc/WinCLIP": 0.918, "image_auroc/AnomalyCLIP": 0.915})
+
+
+def test_paper_settings_skip_the_threshold_calibration(one_category_roots, tmp_path):
+    """Research runs pay no OK/NG calibration (issue: it must not tax them); a user's own run (no experiment,
+    demo, smoke) keeps it, and a paper setting gets it back with one override."""
+    calibrates = {}
+    for name in [None, *EXPERIMENTS]:
+        spec = _spec(name) if name else {}
+        config = "evaluate" if spec.get("task_name", "train" if name else "evaluate") == "evaluate" else "train"
+        extra = [f"experiment={name}"] if name else []
+        cfg = compose(config, [*_overrides(config, one_category_roots, tmp_path, _family(spec)), *extra], tmp_path)
+        calibrates[name] = cfg.module.threshold.calibrate if "module" in cfg else None
+    paper = {n for n in EXPERIMENTS if _spec(n).get("published")}
+    assert paper >= {"winclip", "anomalyclip", "aprilgan", "visualad", "anomalydino", "subspacead"}
+    transductive = {"musc", "aprilgan_fewshot"}  # no calibration to skip: their decision is n/a anyway
+    assert {n for n in paper - transductive if calibrates[n] is not False} == set()
+    assert calibrates[None] is True and calibrates["demo"] is True and calibrates["smoke"] is True
+    cfg = compose("evaluate", [*_overrides("evaluate", one_category_roots, tmp_path), "experiment=winclip"], tmp_path)
+    _, objects = evaluate(cfg)
+    thresholds = json.loads((objects["module"].output_dir / "thresholds.json").read_text())
+    assert all("calibrate=false" in t["source"] for t in thresholds.values())

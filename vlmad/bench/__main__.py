@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         elif section == "calibration":
             from vlmad.bench import calibration as bench
 
-            quick = {"backbone": "tiny", "image_size": 64, "n_test": 20, "n_train": 8, "extra": ()}
+            quick = {"backbone": "tiny", "image_size": 64, "n_test": 20, "n_train": 8, "extra": (), "repeats": 1}
             rows = bench.run(**quick) if args.quick else bench.run()
         elif section == "sweep":
             from vlmad.bench import sweep as bench

@@ -84,7 +84,7 @@ class AnomalyModule(L.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.num_overlays = num_overlays
         self.save_all_overlays = save_all_overlays
-        self.threshold = {"calibrate": True, "quantile": 0.99, "max_images": 32, "max_share": 0.05, **(threshold or {})}
+        self.threshold = {"calibrate": True, "quantile": 0.99, "max_images": 32, "max_share": 0.04, **(threshold or {})}
         self.predictions: dict[str, list[dict]] = {}  # category -> per-image rows (scalars only)
         self.thresholds: dict[str, dict] = {}
         self._outputs: CategoryOutputs | None = None
