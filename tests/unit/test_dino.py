@@ -258,7 +258,7 @@ def test_anomalydino_needs_its_views(dino):
     model = AnomalyDINO(dino, k_shot=2, rotation=["a"])
     draw = model.reference_draw("a")
     assert draw.rule == "sorted_slice" and draw.views is not None and model.reference_draw("b").views is None
-    with pytest.raises(ValueError, match=r"needs 16 reference views for 'a' \(2 x 8\), got 2"):
+    with pytest.raises(ValueError, match=r"AnomalyDINO\(k_shot=2, 8 views\) needs 16 reference views for 'a', got 2"):
         model.prepare("a", images(2))
     model.prepare("b", images(2))  # not rotated: the two references themselves
     with pytest.raises(RuntimeError, match="no memory bank for 'c'"):

@@ -85,6 +85,23 @@ def weights_sha256(path: Path) -> str:
     return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+def weights_identity(pretrained: str | None, sha256: str | None, model: torch.nn.Module) -> str:
+    """Which weights these are: the tag, ``sha256:<hex>`` of a local file, or ``random:<sha1>``.
+
+    Random weights are only equal within one seeded build, so their values are fingerprinted (a strided sample
+    per tensor: milliseconds, not a pass over GBs). A checkpoint records it (``vlmad.engine.checkpoint``).
+    """
+    if sha256 is not None:
+        return f"sha256:{sha256}"
+    if pretrained:
+        return str(pretrained)
+    digest = hashlib.sha1()
+    for p in model.parameters():
+        flat = p.detach().flatten()
+        digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
+    return "random:" + digest.hexdigest()
+
+
 def _is_torchscript(path: Path) -> bool:
     """OpenAI's ``*.pt`` files are TorchScript archives (a zip with ``constants.pkl``); torch.save zips have none."""
     if not zipfile.is_zipfile(path):
@@ -314,22 +331,10 @@ class ClipBackbone(nn.Module):
         return self.visual.proj.device
 
     def weights_id(self) -> str:
-        """Which weights these are: the open_clip tag, ``sha256:<hex>`` of a local file, or ``random:<sha1>``.
-
-        Random weights are only equal within one seeded build, so their values are fingerprinted (a strided sample
-        per tensor: milliseconds, not a pass over GBs). A checkpoint records it (``vlmad.engine.checkpoint``).
-        """
+        """Which weights these are: the open_clip tag, ``sha256:<hex>`` of a local file, or ``random:<sha1>``
+        (:func:`weights_identity`, computed once)."""
         if getattr(self, "_weights_id", None) is None:
-            source = self.pretrained
-            if self.weights_sha256 is not None:
-                source = f"sha256:{self.weights_sha256}"
-            elif not source:
-                digest = hashlib.sha1()
-                for p in self.model.parameters():
-                    flat = p.detach().flatten()
-                    digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
-                source = "random:" + digest.hexdigest()
-            self._weights_id = str(source)
+            self._weights_id = weights_identity(self.pretrained, self.weights_sha256, self.model)
         return self._weights_id
 
     def preprocess_config(self) -> dict[str, Any]:

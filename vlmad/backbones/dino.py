@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmad.backbones.clip import seeded_random_init, weights_sha256
+from vlmad.backbones.clip import seeded_random_init, weights_identity, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -334,16 +334,7 @@ class DinoBackbone(nn.Module):
     def weights_id(self) -> str:
         """Which weights these are: the timm tag, ``sha256:<hex>`` of a local file, or ``random:<sha1>``."""
         if getattr(self, "_weights_id", None) is None:
-            source = self.pretrained
-            if self.weights_sha256 is not None:
-                source = f"sha256:{self.weights_sha256}"
-            elif not source:
-                digest = hashlib.sha1()
-                for p in self.model.parameters():
-                    flat = p.detach().flatten()
-                    digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
-                source = "random:" + digest.hexdigest()
-            self._weights_id = str(source)
+            self._weights_id = weights_identity(self.pretrained, self.weights_sha256, self.model)
         return self._weights_id
 
     def preprocess_config(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ import vlmad
 from vlmad.data.imageio import to_rgb
 from vlmad.deploy.runtime import BACKENDS, MANIFEST, DeployError, load, read_manifest
 from vlmad.errors import VlmadError
+from vlmad.outputs.heatmaps import JET_LUT  # the panels' jet colours (numpy / PIL only)
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +51,6 @@ STATIC = Path(__file__).parent / "static"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WATCH_FIELDS = ["file", "size", "mtime_ns", "score", "max_pixel_score", "threshold", "decision", "overlay", "error"]
-
-# matplotlib's "jet" anchors (as vlmad.outputs.heatmaps, which imports torch): position, r, g, b
-_JET = np.array(
-    [
-        [0.0, 0.0, 0.0, 0.5],
-        [0.11, 0.0, 0.0, 1.0],
-        [0.125, 0.0, 0.0, 1.0],
-        [0.34, 0.0, 0.86, 1.0],
-        [0.35, 0.0, 0.9, 0.97],
-        [0.64, 1.0, 1.0, 0.0],
-        [0.65, 1.0, 0.95, 0.0],
-        [0.89, 1.0, 0.0, 0.0],
-        [0.91, 1.0, 0.0, 0.0],
-        [1.0, 0.5, 0.0, 0.0],
-    ]
-)
-JET_LUT = np.round(
-    np.stack([np.interp(np.linspace(0, 1, 256), _JET[:, 0], _JET[:, c]) for c in (1, 2, 3)], axis=1) * 255
-).astype(np.uint8)  # (256, 3)
 
 
 class ServeError(VlmadError, ValueError):

@@ -294,14 +294,7 @@ class AnomalyDINO(AnomalyMethod):
                 V = len(rotation_angles) for a rotating class, else 1.
         """
         views = len(self.rotation_angles) if self.rotates(class_name) else 1
-        expected = self.k_shot * views
-        got = None if reference_images is None else reference_images.shape[0]
-        if got != expected:
-            raise ValueError(
-                f"AnomalyDINO(k_shot={self.k_shot}) needs {expected} reference views for {class_name!r} "
-                f"({self.k_shot} x {views}), got {got}: draw them with the datamodule's reference_images(..., "
-                "draw=method.reference_draw(class_name))"
-            )
+        self.require_views(class_name, reference_images, self.k_shot * views, f"k_shot={self.k_shot}, {views} views")
         feats = torch.cat(
             [self.encode_images(chunk)["patches"] for chunk in reference_images.split(self.reference_batch)]
         )

@@ -111,6 +111,20 @@ class AnomalyMethod(nn.Module):
         datamodule's default draw of k plain images (``AnomalyDataModule.reference_images``)."""
         return None
 
+    def require_views(self, class_name: str, reference_images: Tensor | None, expected: int, settings: str) -> None:
+        """Refuse reference views not drawn with :meth:`reference_draw` (their count says so): one clear error.
+
+        Args:
+            reference_images: (N, 3, S, S) or None; N must equal ``expected``.
+            settings: the method's settings that set ``expected`` (``k_shot=4, aug_count=30``), for the message.
+        """
+        got = None if reference_images is None else reference_images.shape[0]
+        if got != expected:
+            raise ValueError(
+                f"{type(self).__name__}({settings}) needs {expected} reference views for {class_name!r}, got {got}: "
+                "draw them with the datamodule's reference_images(..., draw=method.reference_draw(class_name))"
+            )
+
     def prepare(self, class_name: str, reference_images: Tensor | None = None) -> None:
         """Per-category set-up before scoring (text features, few-shot memory).
 

@@ -31,6 +31,17 @@ NORMAL_STATES = [
 WINCLIP_ANOMALOUS = ["damaged {}", "{} with flaw", "{} with defect", "{} with damage"]
 APRILGAN_ANOMALOUS = ["damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage"]
 
+# The last 8 templates of both WinCLIP lists (same order in both).
+_SIZE_AND_PURPOSE = [
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+]
 # anomalib 2.7.0's list, verbatim: entry 9 duplicates entry 8 (a typo that doubles that prompt's weight) and
 # "a cropped photo of a {}." is missing. Kept for parity; `winclip_22` is the clean list.
 WINCLIP_ANOMALIB_TEMPLATES = [
@@ -47,30 +58,14 @@ WINCLIP_ANOMALIB_TEMPLATES = [
     "a blurry photo of a {}.",
     "a photo of a {}.",
     "a photo of the {}.",
-    "a photo of a small {}.",
-    "a photo of the small {}.",
-    "a photo of a large {}.",
-    "a photo of the large {}.",
-    "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.",
-    "a photo of the {} for anomaly detection.",
-    "a photo of a {} for anomaly detection.",
+    *_SIZE_AND_PURPOSE,
 ]
 # caoyunkang/WinClip's 22 templates (both articles for every adjective, no duplicate), with periods.
 WINCLIP_22_TEMPLATES = [
     f"a {adj}photo of {art} {{}}."
     for adj in ["cropped ", "close-up ", "bright ", "dark ", "jpeg corrupted ", "blurry ", ""]
     for art in ["a", "the"]
-] + [
-    "a photo of a small {}.",
-    "a photo of the small {}.",
-    "a photo of a large {}.",
-    "a photo of the large {}.",
-    "a photo of the {} for visual inspection.",
-    "a photo of a {} for visual inspection.",
-    "a photo of the {} for anomaly detection.",
-    "a photo of a {} for anomaly detection.",
-]
+] + _SIZE_AND_PURPOSE
 # ByChelsea/VAND-APRIL-GAN prompt_ensemble.py, in the reference's order (summation order matters for bit parity).
 APRILGAN_TEMPLATES = [
     "a bad photo of a {}.",

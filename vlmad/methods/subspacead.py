@@ -247,13 +247,7 @@ class SubspaceAD(AnomalyMethod):
         """
         per_pass = self.k_shot * (1 + self.aug_count) if self.augments(class_name) else self.k_shot
         expected = 2 * per_pass if self.augments(class_name) else per_pass
-        got = None if reference_images is None else reference_images.shape[0]
-        if got != expected:
-            raise ValueError(
-                f"SubspaceAD(k_shot={self.k_shot}, aug_count={self.aug_count}) needs {expected} reference views for "
-                f"{class_name!r}, got {got}: draw them with the datamodule's reference_images(..., "
-                "draw=method.reference_draw(class_name))"
-            )
+        self.require_views(class_name, reference_images, expected, f"k_shot={self.k_shot}, aug_count={self.aug_count}")
         first = list(self._encoded(reference_images[:per_pass])) if expected == per_pass else None
         acc, total = None, 0
         for tokens in first or self._encoded(reference_images[:per_pass]):  # pass 1: the mean

@@ -29,11 +29,11 @@ _JET_ANCHORS = np.array(
     ]
 )
 _LUT_SIZE = 256
-_JET_LUT = np.stack(
+JET_LUT = np.stack(
     [np.interp(np.linspace(0, 1, _LUT_SIZE), _JET_ANCHORS[:, 0], _JET_ANCHORS[:, ch]) for ch in (1, 2, 3)],
     axis=1,
 )
-_JET_LUT = np.round(_JET_LUT * 255).astype(np.uint8)  # (256, 3)
+JET_LUT = np.round(JET_LUT * 255).astype(np.uint8)  # (256, 3)
 
 
 def _to_numpy(array: np.ndarray | Tensor) -> np.ndarray:
@@ -90,7 +90,7 @@ def colorize(map01: np.ndarray) -> np.ndarray:
         (H, W, 3) uint8.
     """
     index = np.round(np.clip(_to_numpy(map01), 0.0, 1.0) * (_LUT_SIZE - 1)).astype(np.int64)
-    return _JET_LUT[index]
+    return JET_LUT[index]
 
 
 def _mask_outline(mask: np.ndarray) -> np.ndarray:
