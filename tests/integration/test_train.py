@@ -40,6 +40,7 @@ def test_train_then_evaluate_from_checkpoint(make_cfg, method, caplog, request):
         assert re.search(r"epoch 1/1: loss \d+\.\d{4}.*\(\d+ images, \d+\.\d s\)", caplog.text), caplog.text
         for category in objects["datamodule"].test_categories:
             assert re.search(rf"{category}: 4 images in \d+\.\d s", caplog.text)
+        assert caplog.text.count("feature cache (memory") == 1  # the epoch's report, not repeated at the fit's end
     assert set(results) == {*objects["datamodule"].test_categories, "mean"}
     ckpt = objects["module"].output_dir / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)

@@ -147,8 +147,7 @@ class AnomalyModule(L.LightningModule):
         """``auto``: drop the fit cache (test images are encoded once) and its run-folder files."""
         if not self._auto_cache or self.feature_cache is None:
             return
-        cache = self.feature_cache
-        log.info(cache.report())
+        cache = self.feature_cache  # its report: the last epoch's line (on_train_epoch_end)
         self.fit_cache_stats = {
             "storage": cache.storage,
             "dtype": cache.dtype,
