@@ -75,15 +75,24 @@ def _sweep_job_failed(err: BaseException) -> SweepJobFailed:
 
 
 class _WithoutHydraSweepNoise:
-    """stderr minus Hydra's two extra lines around a failed job's one line (its overrides list, the hint)."""
+    """stderr minus Hydra's two extra lines around a failed job's one line (its overrides list, the hint), and
+    minus Hydra's several-line report of a bad override (``nosuchkey=1``), which :func:`run_main` says in one."""
 
     NOISE = ("Error executing job with overrides", "Set the environment variable HYDRA_FULL_ERROR")
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self.config_error: BaseException | None = None  # the composition error Hydra is reporting
 
     def write(self, text: str) -> int:
-        """Pass ``text`` on unless a job failed and it is one of Hydra's lines about it."""
+        """Pass ``text`` on unless a job failed and it is one of Hydra's lines about it, or Hydra is reporting a
+        config composition error (written while that exception is being handled: ``sys.exc_info``)."""
+        from hydra.errors import ConfigCompositionException, OverrideParseException
+
+        handling = sys.exc_info()[1]
+        if isinstance(handling, (ConfigCompositionException, OverrideParseException)):
+            self.config_error = handling
+            return len(text)
         if SweepJobFailed.last is not None and text.strip().startswith(self.NOISE):
             return len(text)
         return self._stream.write(text)
@@ -92,10 +101,20 @@ class _WithoutHydraSweepNoise:
         return getattr(self._stream, name)
 
 
+def _config_error_line(err: BaseException) -> str:
+    """Hydra's override error and its OmegaConf cause on one line, without the ``full_key`` / ``object_type``
+    detail: ``Could not override 'nosuchkey'. To append to your config use +nosuchkey=1 (Key 'nosuchkey' is not in
+    struct)``."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    cause = next((line.strip() for line in str(err.__cause__ or "").splitlines() if line.strip()), "")
+    return f"{text} ({cause})" if cause and cause not in text else text
+
+
 def run_main(hydra_main: Callable[[], Any]) -> None:
     """Call a ``@hydra.main`` function; a failed sweep job ends the sweep with its one line and exit status.
 
-    An unknown config choice (``method=winclp``) is one line listing the choices and exit status 2, before Hydra.
+    An unknown config choice (``method=winclp``) is one line listing the choices and exit status 2, before Hydra;
+    an override Hydra cannot apply (``nosuchkey=1``, ``trainer.max_epochs=abc``) is one line and exit status 2.
     """
     exit_on_unknown_choice(CONF_DIR)
     stderr, sys.stderr = sys.stderr, _WithoutHydraSweepNoise(sys.stderr)
@@ -107,6 +126,10 @@ def run_main(hydra_main: Callable[[], Any]) -> None:
     except SystemExit as done:
         if done.code == 1 and SweepJobFailed.last is not None:  # Hydra printed the line and exits 1
             sys.exit(SweepJobFailed.last.code)
+        config_error = getattr(sys.stderr, "config_error", None)
+        if done.code == 1 and config_error is not None:  # a bad override: a user error like the others
+            print(f"vlmad: error: {_config_error_line(config_error)}", file=stderr)
+            sys.exit(2)
         raise
     finally:
         sys.stderr = stderr
@@ -181,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             if (err.name or "vlmad").startswith("vlmad"):
                 raise
             sys.exit(f"vlmad: error: `vlmad {command}` needs {err.name} (pip install 'vlmad[{command}]')")
-        module.main()
+        run_main(module.main)
     else:
         sys.exit(f"vlmad: error: unknown command {command!r}\n{USAGE}")
 

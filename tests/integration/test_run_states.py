@@ -202,6 +202,28 @@ def test_unknown_config_choice_is_one_line_listing_the_choices():
     assert "winclip" in lines[0] and "musc" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["evaluate.py", "nosuchkey=1"], "Could not override 'nosuchkey'. To append to your config use +nosuchkey=1"),
+        (["evaluate.py", "-m", "nosuchkey=1,2"], "Could not override 'nosuchkey'."),  # a sweep: before any job
+        (["-m", "vlmad.cli", "predict", "input=x", "+seed=3"], "Could not append to config. An item is already at"),
+    ],
+)
+def test_an_override_hydra_cannot_apply_is_one_line(tmp_path, args, expected):
+    """Hydra's 5-line report (and exit 1) for a mistyped key or a wrong ``+``: one line and exit 2 like other user
+    errors; HYDRA_FULL_ERROR=1 still gives Hydra's traceback."""
+    cmd = [sys.executable, *args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"vlmad: error: {expected}"), proc.stderr
+    assert "HYDRA_FULL_ERROR" not in proc.stderr and "full_key" not in proc.stderr
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    full = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert full.returncode == 1 and "Traceback" in full.stderr
+
+
 def test_a_file_that_holds_no_weights_is_named_as_such(tmp_path):
     from vlmad.backbones import ClipBackbone
     from vlmad.errors import ConfigError
