@@ -135,6 +135,28 @@ def run_main(hydra_main: Callable[[], Any]) -> None:
         sys.stderr = stderr
 
 
+def _data_roots_first(cfg: DictConfig) -> None:
+    """Read the run's dataset trees before torch and Lightning load (~12 s of imports): a wrong root or layout is
+    one line in about a second. ``run.json`` records it as ``failed``, as a failure inside the run would be.
+    Only :class:`~vlmad.data.DataError` is reported here; the run itself checks everything again, in full."""
+    from hydra.utils import instantiate
+
+    from vlmad.data.records import DataError
+
+    try:
+        for node in ("data", "test_data"):
+            if node in cfg and cfg[node] is not None:
+                instantiate(cfg[node])
+    except Exception as err:
+        cause = user_error(err)  # Hydra wraps what a constructor raises
+        if not isinstance(cause, DataError):
+            return  # anything else is the run's to report, in its usual place
+        from vlmad.outputs.report import run_info, write_run_json
+
+        write_run_json(cfg.paths.output_dir, run_info(cfg, status="failed", error=one_line(cause)))
+        raise
+
+
 def _task(name: str, run: Callable[[DictConfig], tuple[dict[str, dict[str, float]], Any]]) -> Callable:
     """A Hydra task: quiet logs, a failed run's error in its log file, the mean pixel AUROC for sweepers."""
 
@@ -142,6 +164,7 @@ def _task(name: str, run: Callable[[DictConfig], tuple[dict[str, dict[str, float
     def task(cfg: DictConfig) -> float | None:
         quiet()
         try:
+            _data_roots_first(cfg)
             metrics, _ = run(cfg)
         except Exception as err:
             to_log_file(f"{name} failed: {one_line(err)}\n{traceback.format_exc()}", logging.ERROR)

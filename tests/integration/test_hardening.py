@@ -149,6 +149,27 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+def test_a_wrong_data_root_is_reported_before_torch_and_lightning_load(tmp_path):
+    """The dataset trees are read before the ~12 s of torch / Lightning imports: the error comes in about a second,
+    and run.json records it as the run would."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    missing, out = tmp_path / "no_such_mvtec", tmp_path / "run"
+    cmd = [sys.executable, "-X", "importtime", "evaluate.py", "data=mvtec", f"data.root={missing}"]
+    cmd += [f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not imported & {"torch", "lightning", "open_clip"}
+    assert f"vlmad: error: DataError: dataset root not found: {missing}" in proc.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"] == f"DataError: dataset root not found: {missing}"
+
+
 def test_damaged_data_is_reported_at_once_before_the_backbone(make_cfg, synthetic_roots, tmp_path, monkeypatch):
     """A corrupt image in the last category and a wrong-size mask: one DataError naming both, nothing scored."""
     import shutil
