@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig
 
 from vlmad.config import CONF_DIR
@@ -87,8 +87,6 @@ class _WithoutHydraSweepNoise:
     def write(self, text: str) -> int:
         """Pass ``text`` on unless a job failed and it is one of Hydra's lines about it, or Hydra is reporting a
         config composition error (written while that exception is being handled: ``sys.exc_info``)."""
-        from hydra.errors import ConfigCompositionException, OverrideParseException
-
         handling = sys.exc_info()[1]
         if isinstance(handling, (ConfigCompositionException, OverrideParseException)):
             self.config_error = handling
