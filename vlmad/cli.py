@@ -112,7 +112,7 @@ def run_main(hydra_main: Callable[[], Any]) -> None:
     """Call a ``@hydra.main`` function; a failed sweep job ends the sweep with its one line and exit status.
 
     An unknown config choice (``method=winclp``) is one line listing the choices and exit status 2, before Hydra;
-    an override Hydra cannot apply (``nosuchkey=1``, ``trainer.max_epochs=abc``) is one line and exit status 2.
+    an override Hydra cannot apply (``nosuchkey=1``, ``+seed=3``, ``seed=[1``) is one line and exit status 2.
     """
     exit_on_unknown_choice(CONF_DIR)
     stderr, sys.stderr = sys.stderr, _WithoutHydraSweepNoise(sys.stderr)
