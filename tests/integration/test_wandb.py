@@ -50,8 +50,22 @@ def _records(path: Path) -> list:
     return out
 
 
-def _read_run(run_dir: Path) -> dict:
-    """The run record, merged config and summary (keys as tuples of nested keys), and the exit code."""
+def _read_run(run_dir: Path, wait_s: float = 60.0) -> dict:
+    """The run record, merged config and summary (keys as tuples of nested keys), and the exit code.
+
+    wandb-core (its own process) may still be flushing the file when ``wandb.finish`` has returned (seen once in a
+    loaded 2-worker run: only the header was on disk), so the file is read until its exit record is there."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    logged = _parse_run(run_dir)
+    while logged["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        logged = _parse_run(run_dir)
+    return logged
+
+
+def _parse_run(run_dir: Path) -> dict:
     (log_file,) = run_dir.glob("run-*.wandb")
     run, config, summary, exit_code = None, {}, {}, None
     for record in _records(log_file):
